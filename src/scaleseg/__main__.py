@@ -1,0 +1,5 @@
+import sys
+
+from scaleseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,450 @@
+"""Typed configuration: dataclasses with defaults, YAML files, dotted command-line overrides.
+
+The defaults of these dataclasses *are* the main job: `scaleseg train` with no arguments trains
+DeepLabV3+ (tiny backbone) on the built-in `synthetic` dataset. A YAML file in `configs/` holds
+only what differs from the defaults; it may inherit from other files with `_base_: other.yaml`
+(a path relative to the file, or a list of them, merged in order, the file itself last).
+
+Every value is checked before anything runs: an unknown key, a wrong type or an impossible value
+raises :class:`ConfigError` naming the dotted key (``model.head.scorer``) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from scaleseg.errors import ConfigError
+
+Size = tuple[int, int]  # (height, width); a single int in YAML means a square
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in procedural dataset (see scaleseg.data.datasets.synthetic)."""
+
+    train_length: int = 4000  # images in one epoch of the train split (generated on the fly)
+    val_length: int = 100
+    image_size: Size = (160, 160)  # size of generated images, train and val
+    seed: int = 0
+    num_families: int | None = None  # default round(sqrt(num_classes))
+    stuff_fraction: float = 0.2
+    zipf_exponent: float = 1.0
+    max_things: int = 8
+    boundary_ignore: int = 1
+
+    def validate(self, key: str) -> None:
+        _positive(self.train_length, f"{key}.train_length")
+        _positive(self.val_length, f"{key}.val_length")
+        _positive_size(self.image_size, f"{key}.image_size")
+        if self.num_families is not None:
+            _positive(self.num_families, f"{key}.num_families")
+        _in_range(self.stuff_fraction, 0.0, 1.0, f"{key}.stuff_fraction")
+        if self.zipf_exponent < 0:
+            raise ConfigError(f"{key}.zipf_exponent = {self.zipf_exponent}: must be >= 0")
+        if self.max_things < 0 or self.boundary_ignore < 0:
+            raise ConfigError(f"{key}.max_things and {key}.boundary_ignore must be >= 0")
+
+
+@dataclass
+class TrainPipelineConfig:
+    """Training augmentation: random resize, random crop, flip, pad (image 0, label ignore)."""
+
+    crop_size: Size = (128, 128)
+    scale_range: tuple[float, float] = (0.5, 2.0)  # random resize ratio, relative to the image
+    cat_max_ratio: float = 0.75  # retry crops (up to 10) until no class covers more than this; 1 = off
+    flip: bool = True
+
+    def validate(self, key: str) -> None:
+        _positive_size(self.crop_size, f"{key}.crop_size")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"{key}.scale_range = {list(self.scale_range)}: need 0 < low <= high")
+        _in_range(self.cat_max_ratio, 0.0, 1.0, f"{key}.cat_max_ratio", low_open=True)
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["synthetic"] = "synthetic"
+    num_classes: int = 1000
+    ignore_index: int | None = None  # None: the dataset's own (255, or 65535 above 255 classes)
+    batch_size: int = 8
+    num_workers: int = 2
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    train_pipeline: TrainPipelineConfig = field(default_factory=TrainPipelineConfig)
+
+    def validate(self, key: str) -> None:
+        if not 2 <= self.num_classes <= 10_000_000:
+            raise ConfigError(f"{key}.num_classes = {self.num_classes}: must be between 2 and 10,000,000")
+        if self.ignore_index is not None and 0 <= self.ignore_index < self.num_classes:
+            raise ConfigError(
+                f"{key}.ignore_index = {self.ignore_index} is a class id (classes are 0..{self.num_classes - 1}); "
+                "choose a value outside that range, e.g. 65535 or -1, or leave it null for the dataset's own"
+            )
+        if self.batch_size < 2:
+            raise ConfigError(
+                f"{key}.batch_size = {self.batch_size}: BatchNorm (in the ASPP image-pooling branch) needs at least 2 "
+                "images per batch; use 2 or more, with train.grad_accum for a larger effective batch"
+            )
+        if self.num_workers < 0:
+            raise ConfigError(f"{key}.num_workers = {self.num_workers}: must be >= 0")
+        self.synthetic.validate(f"{key}.synthetic")
+        self.train_pipeline.validate(f"{key}.train_pipeline")
+        if self.dataset == "synthetic":
+            crop, image = self.train_pipeline.crop_size, self.synthetic.image_size
+            largest = [int(s * self.train_pipeline.scale_range[1]) for s in image]
+            if crop[0] > largest[0] or crop[1] > largest[1]:
+                raise ConfigError(
+                    f"{key}.train_pipeline.crop_size = {list(crop)} is larger than the largest resized image "
+                    f"{largest} (data.synthetic.image_size x scale_range high); every crop would be mostly padding"
+                )
+
+
+@dataclass
+class DecoderConfig:
+    """DeepLabV3+ decoder (ASPP + low-level skip + 3x3 conv), as in the ESS published code."""
+
+    channels: int | None = None  # None: 256 (the published value), 64 for the resnet_tiny backbone
+    low_level_channels: int | None = None  # None: 48 (published), 24 for resnet_tiny
+    aspp_dilations: tuple[int, ...] | None = None  # None: (6, 12, 18) at output stride 16, doubled at 8
+    dropout: float = 0.1
+
+    def validate(self, key: str) -> None:
+        for name in ("channels", "low_level_channels"):
+            if getattr(self, name) is not None:
+                _positive(getattr(self, name), f"{key}.{name}")
+        if self.aspp_dilations is not None and (not self.aspp_dilations or min(self.aspp_dilations) < 1):
+            raise ConfigError(f"{key}.aspp_dilations = {self.aspp_dilations}: need one or more rates >= 1")
+        _in_range(self.dropout, 0.0, 1.0, f"{key}.dropout", high_open=True)
+
+
+@dataclass
+class HeadConfig:
+    """How a feature becomes a class: the output structure x the class scorer (DESIGN.md)."""
+
+    structure: Literal["single"] = "single"
+    scorer: Literal["linear"] = "linear"
+    # full: scores bilinearly upsampled to the crop (the paper); decoder: labels nearest-downsampled to the
+    # stride-4 score grid (16x fewer pixels). The default run uses decoder: the linear scorer's 1000 x H x W
+    # upsampled logits cost ~2.4 s of a 2.6 s CPU step at full resolution.
+    loss_resolution: Literal["full", "decoder"] = "decoder"
+
+    def validate(self, key: str) -> None:
+        pass
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["resnet_tiny", "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2"] = "resnet_tiny"
+    output_stride: Literal[8, 16, 32] = 16
+    pretrained: str | None = None  # path to a torchvision ImageNet state dict (.pth)
+    backbone_bn_momentum: float = 0.01
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    def validate(self, key: str) -> None:
+        if self.pretrained is not None and not Path(self.pretrained).expanduser().is_file():
+            raise ConfigError(
+                f"{key}.pretrained = {self.pretrained!r}: no such file. Give the path of a torchvision "
+                "ImageNet state dict (for example resnet50-0676ba61.pth), or null to train from scratch"
+            )
+        _in_range(self.backbone_bn_momentum, 0.0, 1.0, f"{key}.backbone_bn_momentum", low_open=True)
+        self.decoder.validate(f"{key}.decoder")
+        self.head.validate(f"{key}.head")
+
+
+@dataclass
+class OptimConfig:
+    """SGD with poly LR stepped per iteration (ESS supplementary A)."""
+
+    lr: float = 0.1  # the default run trains from scratch; the paper uses 0.01 (ADE20K, COCO) with ImageNet weights
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    backbone_lr_mult: float = 0.1
+    warmup_iters: int = 0  # linear warm-up from 0.1 x lr; 0 = none (the paper uses none)
+
+    def validate(self, key: str) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"{key}.lr = {self.lr}: must be > 0")
+        _in_range(self.momentum, 0.0, 1.0, f"{key}.momentum", high_open=True)
+        if self.weight_decay < 0 or self.poly_power < 0 or self.backbone_lr_mult < 0 or self.warmup_iters < 0:
+            raise ConfigError(f"{key}: weight_decay, poly_power, backbone_lr_mult and warmup_iters must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 1200
+    grad_accum: int = 1  # optimizer step every N batches; iters counts optimizer steps
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    deterministic: bool = False
+    log_interval: int = 50
+    eval_interval: int = 600  # 0: evaluate only at the end
+    checkpoint_interval: int = 600
+    keep_checkpoints: int = 2  # iter_*.pth kept besides best.pth; 0 keeps all
+    tensorboard: bool = False
+    progress: bool = True  # tqdm progress bar with ETA on stderr
+
+    def validate(self, key: str) -> None:
+        _positive(self.iters, f"{key}.iters")
+        _positive(self.grad_accum, f"{key}.grad_accum")
+        _positive(self.log_interval, f"{key}.log_interval")
+        _positive(self.checkpoint_interval, f"{key}.checkpoint_interval")
+        if self.eval_interval < 0 or self.keep_checkpoints < 0:
+            raise ConfigError(f"{key}.eval_interval and {key}.keep_checkpoints must be >= 0")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"{key}.device = {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: Size = (512, 512)  # sliding window (mode: slide)
+    stride: Size = (341, 341)
+    scales: tuple[float, ...] = (1.0,)  # multi-scale test, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    flip: bool = False  # also average the horizontally flipped image
+
+    def validate(self, key: str) -> None:
+        _positive_size(self.crop_size, f"{key}.crop_size")
+        _positive_size(self.stride, f"{key}.stride")
+        if self.stride[0] > self.crop_size[0] or self.stride[1] > self.crop_size[1]:
+            raise ConfigError(
+                f"{key}.stride = {list(self.stride)} is larger than {key}.crop_size = {list(self.crop_size)}: "
+                "windows would leave pixels unpredicted"
+            )
+        if not self.scales or min(self.scales) <= 0:
+            raise ConfigError(f"{key}.scales = {list(self.scales)}: need one or more positive scales")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    work_dir: str | None = None  # default: work_dirs/<config file stem>, or work_dirs/default
+    name: str = "default"  # run name, set from the config file's stem when loaded from a file
+
+    def validate(self) -> "Config":
+        for section in ("data", "model", "optim", "train", "eval"):
+            getattr(self, section).validate(section)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (with its `_base_` chain) <- dotted overrides, then validated."""
+    raw: dict[str, Any] = {}
+    name = "default"
+    if path is not None:
+        path = Path(path)
+        raw = _read_yaml_chain(path, seen=())
+        name = path.stem
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    raw.setdefault("name", name)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested plain dict (for example a checkpoint's copy)."""
+    cfg = _build(Config, raw, prefix="")
+    return cfg.validate()
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`model.backbone=resnet50` -> ("model.backbone", "resnet50"); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: write it as dotted.key=value, e.g. train.iters=200")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: the key before '=' is empty")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.problem})") from None
+    return key, value
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise ConfigError(f"config file {str(path)!r}: _base_ files form a cycle ({chain})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r}: the top level must be a mapping of sections")
+    bases = raw.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        _deep_merge(merged, _read_yaml_chain(path.parent / base, seen + (resolved,)))
+    _deep_merge(merged, raw)
+    return merged
+
+
+def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint}; allowed in {where}: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key} = {value!r}: expected {_describe(tp)}")
+    if origin is Literal:
+        if isinstance(value, bool) or value not in args:  # True == 1 must not pass for Literal[1, ...]
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {allowed}")
+        return value
+    if origin is tuple:
+        if tp is Size or (len(args) == 2 and args[0] is int and args[1] is int):
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = [value, value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r}: expected a list ({_describe(tp)})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key} = {list(value)!r}: expected {len(args)} values ({_describe(tp)})")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: expected a string")
+        return value
+    raise TypeError(f"config type {tp!r} of {key} is not supported")  # a bug in this file, not user input
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_describe(args[0])}"
+        return "[" + ", ".join(_describe(a) for a in args) + "]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _positive(value: int, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} = {value}: must be > 0")
+
+
+def _positive_size(value: Size, key: str) -> None:
+    if min(value) <= 0 or max(value) > 16384:
+        raise ConfigError(f"{key} = {list(value)}: height and width must be between 1 and 16384")
+
+
+def _in_range(value: float, low: float, high: float, key: str, low_open: bool = False, high_open: bool = False) -> None:
+    bad_low = value <= low if low_open else value < low
+    bad_high = value >= high if high_open else value > high
+    if bad_low or bad_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} = {value}: must be in {interval}")

@@ -1,0 +1,91 @@
+import pytest
+import yaml
+
+from scaleseg.config import Config, config_from_dict, load_config, parse_override, save_config
+from scaleseg.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    cfg = load_config()
+    assert cfg.data.dataset == "synthetic" and cfg.name == "default"
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again.to_dict() == cfg.to_dict()  # the saved name is kept
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["model.backbone=resnet50", "train.iters=200", "data.train_pipeline.crop_size=96",
+                             "optim.lr=1e-3", "model.pretrained=null", "eval.scales=[0.5, 1.0]"])
+    assert cfg.model.backbone == "resnet50"
+    assert cfg.train.iters == 200
+    assert cfg.data.train_pipeline.crop_size == (96, 96)
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.model.pretrained is None
+    assert cfg.eval.scales == (0.5, 1.0)
+
+
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("model.backbon=resnet50", r"unknown config key 'model.backbon' \(did you mean 'model.backbone'\?\)"),
+        ("nosuch.key=1", r"unknown config key 'nosuch'"),
+        ("train.iters=many", r"train.iters = 'many': expected an integer"),
+        ("train.iters=2.5", r"train.iters = 2.5: expected an integer"),
+        ("train.deterministic=1", r"train.deterministic = 1: expected true or false"),
+        ("model.backbone=vgg16", r"model.backbone = 'vgg16' is not allowed; choose one of 'resnet_tiny'"),
+        ("model.output_stride=4", r"model.output_stride = 4 is not allowed"),
+        ("train.iters=0", r"train.iters = 0: must be > 0"),
+        ("data.num_classes=1", r"data.num_classes = 1"),
+        ("data.ignore_index=3", r"data.ignore_index = 3 is a class id"),
+        ("data.train_pipeline.crop_size=[512, 512]", r"data.train_pipeline.crop_size = \[512, 512\] is larger"),
+        ("data.train_pipeline.crop_size=[1, 2, 3]", r"crop_size = \[1, 2, 3\]: expected 2 values"),
+        ("eval.stride=600", r"eval.stride = \[600, 600\] is larger than eval.crop_size"),
+        ("model.pretrained=/no/such/file.pth", r"model.pretrained = '/no/such/file.pth': no such file"),
+        ("optim.momentum=1.5", r"optim.momentum = 1.5: must be in \[0.0, 1.0\)"),
+        ("model.decoder=3", r"model.decoder must be a mapping"),
+        ("train.iters", r"write it as dotted.key=value"),
+        ("train.device=tpu", r"train.device = 'tpu'"),
+    ],
+)
+def test_bad_values_name_the_dotted_key(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def test_yaml_file_with_base_chain(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"train": {"iters": 300, "seed": 5}, "data": {"batch_size": 4}}))
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\ntrain:\n  iters: 400\n")
+    cfg = load_config(tmp_path / "child.yaml", ["data.batch_size=6"])
+    assert (cfg.train.iters, cfg.train.seed, cfg.data.batch_size, cfg.name) == (400, 5, 6, "child")
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "typo.yaml").write_text("trian:\n  iters: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'trian'.*did you mean 'train'"):
+        load_config(tmp_path / "typo.yaml")
+
+
+def test_repository_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("**/*.yaml"))
+    assert configs, "configs/ holds no YAML files"
+    for path in configs:
+        cfg = load_config(path, ["model.pretrained=null"])
+        assert isinstance(cfg, Config)
+
+
+def test_parse_override_and_from_dict():
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    assert parse_override("a.b=") == ("a.b", None)
+    cfg = config_from_dict({"train": {"iters": 7}})
+    assert cfg.train.iters == 7
