@@ -1,0 +1,122 @@
+"""Backbones: image -> (low-level, high-level) feature maps, torchvision-weight compatible.
+
+Contract shared by every backbone (ResNet and MobileNetV2 families):
+
+* Constructor arguments ``output_stride: int = 16`` (8, 16 or 32; anything else is a
+  ValueError), ``norm_layer: Callable[[int], nn.Module] | None = None`` (builds a norm
+  layer from a channel count; default ``nn.BatchNorm2d``) and
+  ``bn_momentum: float | None = None`` (if given, set on every BatchNorm; the paper uses
+  0.01).
+* Attributes ``out_channels`` (high-level channels), ``low_level_channels`` (stride-4
+  channels), ``output_stride``, ``arch`` (name, e.g. "resnet50") and
+  ``pretrained_ignore_prefixes`` (classification-head keys of a torchvision file).
+* ``forward(x)`` with ``x`` of shape (B, 3, H, W) returns ``(low_level, out)``:
+  ``low_level`` is (B, low_level_channels, ceil(H/4), ceil(W/4)) and ``out`` is
+  (B, out_channels, ceil(H/output_stride), ceil(W/output_stride)).
+* Parameter names and shapes equal torchvision's (minus the classifier) at every output
+  stride, so one torchvision ImageNet ``.pth`` file loads at any output stride.
+
+==============  ==================  ============
+name            low_level_channels  out_channels
+==============  ==================  ============
+resnet18        64                  512
+resnet34        64                  512
+resnet50        256                 2048
+resnet101       256                 2048
+resnet_tiny     16                  128
+mobilenet_v2    24                  320
+==============  ==================  ============
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+from torch import nn
+
+from scaleseg.errors import ConfigError
+
+from .mobilenetv2 import MobileNetV2, mobilenet_v2
+from .pretrained import LoadReport, load_pretrained
+from .resnet import NormLayer, ResNet, resnet18, resnet34, resnet50, resnet101, resnet_tiny
+
+__all__ = [
+    "BACKBONES",
+    "LoadReport",
+    "MobileNetV2",
+    "ResNet",
+    "build_backbone",
+    "load_pretrained",
+    "mobilenet_v2",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet_tiny",
+]
+
+logger = logging.getLogger("scaleseg")
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet_tiny": resnet_tiny,
+    "mobilenet_v2": mobilenet_v2,
+}
+
+# How many key names a warning shows.
+_SHOW_KEYS = 5
+
+
+def build_backbone(
+    name: str,
+    output_stride: int = 16,
+    pretrained: str | os.PathLike[str] | None = None,
+    bn_momentum: float | None = None,
+    norm_layer: NormLayer | None = None,
+) -> nn.Module:
+    """Build the backbone ``name`` and optionally load a torchvision weight file into it.
+
+    The load report (or None) is kept as ``backbone.pretrained_report``; missing and
+    unexpected keys are logged at WARNING level on the "scaleseg" logger.
+
+    Raises:
+        ConfigError (a ValueError): unknown ``name`` or ``output_stride`` not 8, 16, 32.
+        CheckpointError: ``pretrained`` is missing, corrupt or for another architecture.
+    """
+    if name not in BACKBONES:
+        raise ConfigError(
+            f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}"
+        )
+    if output_stride not in (8, 16, 32):
+        raise ConfigError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
+    backbone = BACKBONES[name](
+        output_stride=output_stride, norm_layer=norm_layer, bn_momentum=bn_momentum
+    )
+    report = None
+    if pretrained is not None:
+        report = load_pretrained(backbone, pretrained)
+        _log_report(name, report)
+    backbone.pretrained_report = report
+    return backbone
+
+
+def _log_report(name: str, report: LoadReport) -> None:
+    """Log what was loaded; missing and unexpected keys at WARNING level."""
+    logger.info(
+        "%s: loaded %d tensors from %s (%d classifier keys ignored)",
+        name, report.loaded, report.path, len(report.ignored),
+    )
+    for kind, keys in (("missing from", report.missing), ("unexpected in", report.unexpected)):
+        if keys:
+            shown = ", ".join(keys[:_SHOW_KEYS]) + (", ..." if len(keys) > _SHOW_KEYS else "")
+            logger.warning(
+                "%s: %d keys %s the weight file %s (they %s): %s",
+                name, len(keys), kind, report.path,
+                "keep their random init" if kind == "missing from" else "were not used",
+                shown,
+            )

@@ -1,0 +1,157 @@
+"""Load ImageNet weights from a torchvision-style ``.pth`` file into a backbone.
+
+The file may hold a raw state dict or one nested under ``"state_dict"`` or ``"model"``;
+a leading ``"module."`` (DataParallel / DDP) prefix on keys is removed. Keys that the
+backbone declares in ``pretrained_ignore_prefixes`` (torchvision's classification head:
+``fc.*`` for ResNet, ``features.18.*`` and ``classifier.*`` for MobileNetV2) are expected
+to be unused and reported as ignored.
+
+Every problem with the file raises :class:`scaleseg.errors.CheckpointError` naming the
+file; keys that are merely missing or unexpected are allowed (partial load) and listed in
+the returned :class:`LoadReport`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from scaleseg.errors import CheckpointError
+
+_DATA_PARALLEL_PREFIX = "module."
+_NESTING_KEYS = ("state_dict", "model")
+# BatchNorm step counters: absent from older torchvision files and irrelevant for weights.
+_BENIGN_MISSING_SUFFIX = "num_batches_tracked"
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did with a weight file.
+
+    Attributes:
+        path: the file that was read.
+        loaded: number of tensors copied into the module.
+        missing: module keys the file lacks (they keep their initial values).
+        unexpected: file keys the module does not have (not counting ``ignored``).
+        ignored: classification-head keys of the file, expected to be unused.
+    """
+
+    path: str
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def load_pretrained(module: nn.Module, path: str | os.PathLike[str]) -> LoadReport:
+    """Copy the tensors of the weight file at ``path`` into ``module`` and report on it.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, holds no state dict, has a
+            tensor whose shape differs from the module's, or shares no key with it.
+    """
+    path_str = str(path)
+    arch = getattr(module, "arch", type(module).__name__)
+    state = _read_state_dict(path_str)
+    ignore_prefixes = tuple(getattr(module, "pretrained_ignore_prefixes", ()))
+    own = module.state_dict()
+
+    ignored = sorted(k for k in state if k not in own and k.startswith(ignore_prefixes))
+    unexpected = sorted(k for k in state if k not in own and not k.startswith(ignore_prefixes))
+    matched = [k for k in own if k in state]
+    if not matched:
+        raise CheckpointError(
+            f"{path_str}: this file is not a {arch} checkpoint: none of its "
+            f"{len(state)} keys (e.g. {_first(sorted(state))}) is a parameter of the "
+            f"{arch} backbone (e.g. {_first(list(own))}); pass a weight file for {arch}"
+        )
+    _check_shapes(path_str, arch, state, own, matched)
+
+    module.load_state_dict({k: state[k] for k in matched}, strict=False)
+    missing = [k for k in own if k not in state and not k.endswith(_BENIGN_MISSING_SUFFIX)]
+    return LoadReport(path_str, len(matched), missing, unexpected, ignored)
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read ``path`` and return its state dict with any ``module.`` prefix removed."""
+    if not os.path.isfile(path):
+        what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+        raise CheckpointError(
+            f"{path}: weight file {what}; check the path of the pretrained weights "
+            f"(absolute, or relative to {Path.cwd()})"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise CheckpointError(
+            f"{path}: cannot read the weight file ({type(exc).__name__}: "
+            f"{_first_sentence(str(exc))}); it is corrupt, truncated, or not a PyTorch state dict "
+            f"(a pickled full model cannot be loaded: save model.state_dict() instead)"
+        ) from exc
+    state = _unwrap(path, obj)
+    return {_strip_prefix(k): v for k, v in state.items()}
+
+
+def _unwrap(path: str, obj: Any) -> Mapping[str, torch.Tensor]:
+    """Return the state dict in ``obj``: itself or nested under "state_dict" / "model"."""
+    if isinstance(obj, Mapping):
+        for key in _NESTING_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(
+            f"{path}: the file holds a {type(obj).__name__}, not a non-empty state dict "
+            f"(a mapping of names to tensors, possibly under 'state_dict' or 'model')"
+        )
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(
+            f"{path}: not a state dict: {len(bad)} entries are not name -> tensor "
+            f"(e.g. {_first([str(k) for k in bad])}); expected a raw state dict or one "
+            f"nested under 'state_dict' or 'model'"
+        )
+    return obj
+
+
+def _strip_prefix(key: str) -> str:
+    """Remove one leading DataParallel ``module.`` prefix."""
+    return key[len(_DATA_PARALLEL_PREFIX):] if key.startswith(_DATA_PARALLEL_PREFIX) else key
+
+
+def _check_shapes(
+    path: str,
+    arch: str,
+    state: Mapping[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+    keys: list[str],
+) -> None:
+    """Raise CheckpointError naming the first key whose file and module shapes differ."""
+    wrong = [k for k in keys if state[k].shape != own[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(
+            f"{path}: key '{k}' has shape {tuple(state[k].shape)} in the file but "
+            f"{tuple(own[k].shape)} in the {arch} backbone ({len(wrong)} of {len(keys)} "
+            f"shared keys differ); the file is probably for another architecture: pass "
+            f"weights for {arch}"
+        )
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    """The first ``n`` names, comma-separated, with '...' if there are more."""
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (", ..." if len(names) > n else "")
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """First sentence of ``text``, at most ``limit`` characters (torch's messages are long
+    and suggest ``weights_only=False``, which is unsafe for files of unknown origin)."""
+    sentence = re.split(r"(?<=\.)\s|\n", text.strip(), maxsplit=1)[0]
+    return sentence if len(sentence) <= limit else sentence[:limit] + "..."
