@@ -1,0 +1,93 @@
+"""Datasets, transforms and loaders.
+
+A dataset yields dicts {"image": uint8 (H, W, 3), "label": int (H, W), "name": str} and carries
+`num_classes`, `class_names`, `ignore_index` and `palette` ((C, 3) uint8). The loaders turn them
+into batches {"image": float (B, 3, h, w), "label": int64 (B, h, w), "name": list[str]}.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from scaleseg.config import DataConfig
+from scaleseg.data.samplers import ResumableSampler
+from scaleseg.data.transforms import EvalTransform, TrainTransform
+
+
+def build_dataset(cfg: DataConfig, split: str) -> Dataset:
+    """The raw dataset of `split` ("train" or "val") named by `cfg.dataset`."""
+    if cfg.dataset == "synthetic":
+        from scaleseg.data.datasets.synthetic import SyntheticSegmentation
+
+        s = cfg.synthetic
+        return SyntheticSegmentation(
+            num_classes=cfg.num_classes,
+            split=split,
+            length=s.train_length if split == "train" else s.val_length,
+            image_size=s.image_size,
+            seed=s.seed,
+            num_families=s.num_families,
+            stuff_fraction=s.stuff_fraction,
+            zipf_exponent=s.zipf_exponent,
+            max_things=s.max_things,
+            boundary_ignore=s.boundary_ignore,
+        )
+    raise AssertionError(f"unhandled dataset {cfg.dataset!r}")  # config validation lists the choices
+
+
+class TransformedDataset(Dataset):
+    """Applies a transform; with a training transform, items are (index, position) pairs and the
+    position seeds the augmentation RNG (see ResumableSampler). Also remaps the dataset's ignore
+    value to the run's ignore index when they differ."""
+
+    def __init__(self, dataset: Dataset, transform, seed: int = 0, ignore_index: int | None = None) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.source_ignore = dataset.ignore_index
+        self.ignore_index = dataset.ignore_index if ignore_index is None else ignore_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, position = item if isinstance(item, tuple) else (item, item)
+        sample = self.dataset[index]
+        if self.source_ignore != self.ignore_index:
+            label = sample["label"].astype(np.int64)
+            label[label == self.source_ignore] = self.ignore_index
+            sample = {**sample, "label": label}
+        rng = np.random.default_rng([self.seed, position])
+        return self.transform(sample, rng)
+
+
+def build_train_loader(cfg: DataConfig, dataset: Dataset, ignore_index: int, seed: int, start: int = 0) -> DataLoader:
+    """Endless shuffled loader starting at sample position `start` (samples already consumed)."""
+    p = cfg.train_pipeline
+    transform = TrainTransform(p.crop_size, p.scale_range, p.cat_max_ratio, p.flip, ignore_index)
+    return DataLoader(
+        TransformedDataset(dataset, transform, seed=seed, ignore_index=ignore_index),
+        batch_size=cfg.batch_size,
+        sampler=ResumableSampler(len(dataset), seed=seed, start=start),
+        num_workers=cfg.num_workers,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.num_workers > 0,
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
+        # a private generator: creating the loader must not consume the global torch RNG, or a
+        # resumed run would diverge from an uninterrupted one
+        generator=torch.Generator(),
+    )
+
+
+def build_eval_loader(cfg: DataConfig, dataset: Dataset, ignore_index: int) -> DataLoader:
+    """One image per batch at its original size (images of a dataset may differ in size)."""
+    return DataLoader(
+        TransformedDataset(dataset, EvalTransform(), ignore_index=ignore_index),
+        batch_size=1,
+        shuffle=False,
+        num_workers=min(cfg.num_workers, 2),
+        generator=torch.Generator(),
+    )

@@ -1,0 +1,66 @@
+"""Reading images and writing label maps, with errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from scaleseg.errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any image PIL reads -> uint8 RGB (H, W, 3): grayscale (8/16-bit), palette, RGBA (alpha
+    dropped), CMYK; EXIF orientation applied."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"image {str(path)!r} cannot be decoded ({exc}); the file is corrupt or not an image") from None
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(im, dtype=np.float64)
+        high = 65535.0 if im.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        gray = np.clip(array / high * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.array(im.convert("RGB"), dtype=np.uint8)  # writable
+
+
+def save_label_map(path: Path, label: np.ndarray, num_classes: int) -> Path:
+    """Write class ids losslessly: 8-bit PNG for up to 255 classes, 16-bit PNG up to 65,536,
+    32-bit TIFF beyond (the suffix changes to .tif). Returns the path written."""
+    path = Path(path)
+    if num_classes <= 255:
+        Image.fromarray(label.astype(np.uint8), mode="L").save(path.with_suffix(".png"))
+        return path.with_suffix(".png")
+    if num_classes <= 65536:
+        Image.fromarray(label.astype(np.uint16)).save(path.with_suffix(".png"))  # mode I;16
+        return path.with_suffix(".png")
+    out = path.with_suffix(".tif")
+    Image.fromarray(label.astype(np.int32), mode="I").save(out)
+    return out
+
+
+def overlay(image: np.ndarray, label: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend class colours over the image: uint8 (H, W, 3)."""
+    colours = palette[label].astype(np.float32)
+    return (image.astype(np.float32) * (1 - alpha) + colours * alpha + 0.5).astype(np.uint8)
+
+
+def list_images(path: Path) -> list[Path]:
+    """A single image file, or the image files in a folder (recursively), sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{str(path)!r} is neither an image file nor a folder")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"folder {str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
