@@ -1,0 +1,3 @@
+from scaleseg.models.decoders.deeplabv3plus import DeepLabV3PlusDecoder, default_aspp_dilations
+
+__all__ = ["DeepLabV3PlusDecoder", "default_aspp_dilations"]
