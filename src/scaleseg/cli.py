@@ -1,0 +1,208 @@
+"""The `scaleseg` command: train, eval, predict.
+
+    scaleseg train [CONFIG.yaml] [key=value ...] [--work-dir DIR] [--resume [CKPT]]
+    scaleseg eval  WORK_DIR | CONFIG.yaml | CKPT.pth [key=value ...] [--checkpoint CKPT] [--out DIR]
+    scaleseg predict CKPT.pth IMAGE_OR_FOLDER --out DIR [key=value ...]
+
+`key=value` items are dotted config overrides (model.backbone=resnet50 train.iters=200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scaleseg.errors import ScalesegError
+
+
+def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    config, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise ScalesegError(f"unexpected argument {item!r}: give one config file, then key=value overrides")
+    return config, overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from scaleseg.config import load_config
+    from scaleseg.engine.trainer import Trainer
+
+    config, overrides = _split_config_and_overrides(args.args)
+    cfg = load_config(config, overrides)
+    resume = True if args.resume == "" else (args.resume or False)
+    Trainer(cfg, work_dir=args.work_dir, resume=resume).run()
+    return 0
+
+
+def _eval_setup(target: str, overrides: list[str], checkpoint: str | None):
+    """-> (config, checkpoint path, default output dir) for `scaleseg eval`."""
+    from scaleseg.config import config_from_dict, load_config
+    from scaleseg.engine.checkpoint import find_last_checkpoint, load_checkpoint
+
+    path = Path(target)
+    if path.is_dir():
+        config_file = path / "config.yaml"
+        if not config_file.is_file():
+            raise ScalesegError(f"{path} is not a work dir (no config.yaml); pass the config file instead")
+        cfg = load_config(config_file, overrides + ["model.pretrained=null"])
+        if checkpoint is None:
+            best = path / "best.pth"
+            ckpt = best if best.is_file() else find_last_checkpoint(path)
+            if ckpt is None:
+                raise ScalesegError(f"no checkpoint in {path} (no best.pth, no last_checkpoint); pass --checkpoint")
+        else:
+            ckpt = Path(checkpoint)
+        return cfg, ckpt, path / "eval" / ckpt.stem
+    if path.suffix == ".pth":
+        raw = load_checkpoint(path)["config"]
+        cfg = _config_with_overrides(raw, overrides)
+        return cfg, path, path.parent / "eval" / path.stem
+    if checkpoint is None:
+        raise ScalesegError("evaluating from a config file needs --checkpoint")
+    cfg = load_config(path, overrides + ["model.pretrained=null"])
+    return cfg, Path(checkpoint), Path(checkpoint).parent / "eval" / Path(checkpoint).stem
+
+
+def _config_with_overrides(raw: dict, overrides: list[str]):
+    """A checkpoint's config plus overrides; ImageNet weights are not needed (the checkpoint has them)."""
+    from scaleseg.config import _set_dotted, config_from_dict, parse_override
+
+    raw = {**raw, "model": {**raw.get("model", {}), "pretrained": None}}
+    for item in overrides:
+        _set_dotted(raw, *parse_override(item))
+    return config_from_dict(raw)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from scaleseg.data import build_dataset, build_eval_loader
+    from scaleseg.engine.checkpoint import load_checkpoint, load_model_state
+    from scaleseg.engine.evaluator import evaluate, format_table, write_results
+    from scaleseg.engine.runtime import amp_dtype, log_to, select_device
+    from scaleseg.engine.trainer import dataset_meta
+    from scaleseg.models import build_model
+
+    cfg, ckpt_path, out_dir = _eval_setup(args.target, args.overrides, args.checkpoint)
+    out_dir = Path(args.out) if args.out else out_dir
+    with log_to(None) as log:
+        device = select_device(cfg.train.device)
+        dataset = build_dataset(cfg.data, "val")
+        meta = dataset_meta(dataset, cfg)
+        model = build_model(cfg.model, meta["num_classes"], meta["ignore_index"])
+        ckpt = load_checkpoint(ckpt_path)
+        load_model_state(model, ckpt, ckpt_path, cfg.to_dict())
+        model.to(device)
+        log.info(f"evaluating {ckpt_path} (iteration {ckpt.get('iteration')}) on {cfg.data.dataset} val, "
+                 f"{len(dataset)} images, mode {cfg.eval.mode}, scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}")
+        loader = build_eval_loader(cfg.data, dataset, meta["ignore_index"])
+        with torch.inference_mode():
+            results = evaluate(
+                model, loader, meta["num_classes"], meta["ignore_index"], cfg.eval, device,
+                amp_dtype(cfg.train, device), progress=not args.no_progress,
+            )
+        json_path, csv_path = write_results(
+            results, meta["class_names"], out_dir, extra={"checkpoint": str(ckpt_path), "iteration": ckpt.get("iteration")}
+        )
+        log.info(format_table(results, meta["class_names"], show=args.show))
+        log.info(f"wrote {json_path} and {csv_path}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from scaleseg.data.io import list_images, overlay, read_image, save_label_map
+    from scaleseg.data.transforms import to_tensor
+    from scaleseg.engine.checkpoint import load_checkpoint, load_model_state
+    from scaleseg.engine.inference import predict_labels
+    from scaleseg.engine.runtime import log_to, select_device
+    from scaleseg.models import build_model
+
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = _config_with_overrides(ckpt["config"], args.overrides)
+    num_classes, palette = int(ckpt["num_classes"]), ckpt["palette"].numpy()
+    model = build_model(cfg.model, num_classes, int(ckpt["ignore_index"]))
+    load_model_state(model, ckpt, args.checkpoint, cfg.to_dict())
+    device = select_device(cfg.train.device)
+    model.to(device).eval()
+    inputs = Path(args.input)
+    files = list_images(inputs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = []
+    with log_to(None) as log:
+        for path in tqdm(files, desc="predict", unit="img", disable=args.no_progress or len(files) == 1):
+            rel = path.relative_to(inputs) if inputs.is_dir() else Path(path.name)
+            try:
+                image = read_image(path)
+                with torch.inference_mode():
+                    labels = predict_labels(model, to_tensor(image)[None].to(device), cfg.eval)
+                label = labels[0].cpu().numpy()
+                target = out / rel.parent / rel.stem
+                target.parent.mkdir(parents=True, exist_ok=True)
+                save_label_map(target, label, num_classes)
+                Image.fromarray(overlay(image, label, palette)).save(target.with_name(rel.stem + "_overlay.png"))
+            except ScalesegError as exc:
+                failures.append((path, str(exc)))
+                log.info(f"skipped {path}: {exc}")
+        log.info(f"predicted {len(files) - len(failures)} of {len(files)} images into {out}")
+        if failures:
+            log.info(f"{len(failures)} failed: " + "; ".join(f"{p}: {m}" for p, m in failures[:5]))
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaleseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (no arguments: the built-in synthetic default run)")
+    p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help="a YAML config, then dotted overrides")
+    p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
+    p.add_argument(
+        "--resume", nargs="?", const="", default=None, metavar="CKPT",
+        help="continue from CKPT, or without a value from the work dir's last checkpoint",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the val split: table, metrics.json, per_class.csv")
+    p.add_argument("target", help="a work dir, a config file (with --checkpoint), or a checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--checkpoint", help="checkpoint to evaluate (default for a work dir: best.pth, else the last)")
+    p.add_argument("--out", help="output folder (default: <work dir>/eval/<checkpoint name>)")
+    p.add_argument("--show", type=int, default=20, help="classes listed in the console table (most frequent first)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="label maps and colour overlays for an image or a folder of images")
+    p.add_argument("checkpoint")
+    p.add_argument("input", help="an image file or a folder (searched recursively)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.mode=slide eval.flip=true")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ScalesegError as exc:
+        print(f"scaleseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue a training run with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

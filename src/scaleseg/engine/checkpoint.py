@@ -1,0 +1,147 @@
+"""Checkpoints: tensors and plain types only (load with `torch.load(weights_only=True)`), written
+atomically (temporary file + fsync + rename), with a `last_checkpoint` pointer file."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scaleseg.errors import CheckpointError
+
+FORMAT = "scaleseg-checkpoint"
+LAST_POINTER = "last_checkpoint"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    atomic_write_bytes(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def write_last_pointer(work_dir: Path, checkpoint: Path) -> None:
+    atomic_write_bytes(Path(work_dir) / LAST_POINTER, lambda f: f.write(Path(checkpoint).name.encode() + b"\n"))
+
+
+def find_last_checkpoint(work_dir: Path) -> Path | None:
+    pointer = Path(work_dir) / LAST_POINTER
+    if not pointer.is_file():
+        return None
+    path = Path(work_dir) / pointer.read_text().strip()
+    if not path.is_file():
+        raise CheckpointError(
+            f"{pointer} names {path.name}, which does not exist; pass the checkpoint to resume from explicitly"
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a scaleseg checkpoint safely (never executes code from the file)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read safely ({first}); it is corrupt, truncated, "
+            "or not a tensors-only file; use another checkpoint"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not a scaleseg checkpoint (no '{FORMAT}' marker); for ImageNet backbone "
+            "weights use model.pretrained=<file> instead"
+        )
+    return state
+
+
+def architecture_differences(saved_cfg: dict, cfg: dict) -> list[str]:
+    """Dotted model/num_classes settings that differ between a checkpoint's config and `cfg`."""
+    keys = ["data.num_classes"]
+    out = []
+    for key in keys:
+        a, b = _get(saved_cfg, key), _get(cfg, key)
+        if a != b:
+            out.append(f"{key}: checkpoint {a!r}, config {b!r}")
+    for dotted, value in _flatten(cfg.get("model", {}), "model"):
+        if dotted == "model.pretrained":
+            continue
+        saved = _get(saved_cfg, dotted)
+        if saved != value:
+            out.append(f"{dotted}: checkpoint {saved!r}, config {value!r}")
+    return out
+
+
+def load_model_state(model: nn.Module, checkpoint: dict[str, Any], path: str | Path, cfg_dict: dict | None = None) -> None:
+    """Strictly load the checkpoint's weights; on any mismatch name what differs and what to do."""
+    state = checkpoint.get("model")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no model weights")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        diffs = architecture_differences(checkpoint.get("config", {}), cfg_dict or {}) if cfg_dict else []
+        lines = [f"checkpoint {str(path)!r} does not match the model built from the config:"]
+        lines += [f"  {d}" for d in diffs]
+        lines += [f"  shape {s}" for s in shapes[:5]]
+        if missing:
+            lines.append(f"  {len(missing)} weights missing from the checkpoint, e.g. {missing[:3]}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} weights not in the model, e.g. {unexpected[:3]}")
+        lines.append("  evaluate it with the config it was trained with (the config.yaml in its work dir)")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state)
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _flatten(d: dict, prefix: str):
+    for key, value in d.items():
+        dotted = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, dotted)
+        else:
+            yield dotted, value

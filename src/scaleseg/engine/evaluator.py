@@ -1,0 +1,102 @@
+"""Evaluation over a dataset: predictions -> streaming metrics -> console table, JSON, per-class CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from scaleseg.config import EvalConfig
+from scaleseg.engine.inference import predict_labels
+from scaleseg.metrics import SegmentationMetrics
+
+SUMMARY_KEYS = ("mIoU", "aAcc", "mAcc", "fwIoU")
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    loader,
+    num_classes: int,
+    ignore_index: int,
+    cfg: EvalConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the model over `loader` (batches of one image at original size) and return metrics."""
+    was_training = model.training
+    model.eval()
+    metrics = SegmentationMetrics(num_classes, ignore_index)
+    try:
+        for batch in tqdm(loader, desc="eval", unit="img", disable=not progress, leave=False, dynamic_ncols=True):
+            images = batch["image"].to(device, non_blocking=True)
+            target = batch["label"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                pred = predict_labels(model, images, cfg)
+            metrics.update(pred, target)
+    finally:
+        model.train(was_training)
+    return metrics.compute()
+
+
+def summary(results: dict) -> dict[str, float]:
+    """The scalar metrics, in percent (rounded to 0.01), for logs and JSON."""
+    return {k: (round(100 * results[k], 2) if not math.isnan(results[k]) else None) for k in SUMMARY_KEYS}
+
+
+def format_table(results: dict, class_names: list[str], show: int = 10) -> str:
+    """A console summary: the four metrics, then the per-class IoU of the `show` most frequent classes."""
+    s = summary(results)
+    lines = ["  ".join(f"{k:>6}" for k in SUMMARY_KEYS), "  ".join(f"{_pct(s[k]):>6}" for k in SUMMARY_KEYS)]
+    label_area = results["label_area"]
+    present = int((label_area > 0).sum())
+    lines.append(f"classes present in the labels: {present} of {len(class_names)}")
+    if show and present:
+        order = np.argsort(-label_area, kind="stable")[: min(show, present)]
+        width = max(len(class_names[i]) for i in order)
+        lines.append(f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}  {'pixels':>10}")
+        for i in order:
+            lines.append(
+                f"{class_names[i]:<{width}}  {_pct(100 * results['IoU'][i]):>6}  {_pct(100 * results['Acc'][i]):>6}  "
+                f"{int(label_area[i]):>10}"
+            )
+    return "\n".join(lines)
+
+
+def write_results(results: dict, class_names: list[str], out_dir: Path, extra: dict | None = None) -> tuple[Path, Path]:
+    """metrics.json (summary in percent + `extra`) and per_class.csv (every class) in `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "metrics.json"
+    json_path.write_text(json.dumps({**summary(results), **(extra or {})}, indent=2) + "\n")
+    csv_path = out_dir / "per_class.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class_id", "name", "IoU", "Acc", "intersection", "pred_area", "label_area"])
+        for i, name in enumerate(class_names):
+            writer.writerow(
+                [
+                    i,
+                    name,
+                    _csv_float(results["IoU"][i]),
+                    _csv_float(results["Acc"][i]),
+                    int(results["intersection"][i]),
+                    int(results["pred_area"][i]),
+                    int(results["label_area"][i]),
+                ]
+            )
+    return json_path, csv_path
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def _csv_float(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.6f}"

@@ -1,0 +1,70 @@
+"""Inference: whole image, sliding window, multi-scale + flip.
+
+Every mode averages the model's *dense* map (softmax probabilities for the linear scorer,
+unit pixel embeddings for the embedding scorer) and decides classes once at the end, so with an
+embedding scorer nothing of size C x H x W is ever built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from scaleseg.config import EvalConfig
+
+
+def _window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Window offsets covering [0, size): every `stride`, the last one flush with the end."""
+    if size <= crop:
+        return [0]
+    count = (size - crop + stride - 1) // stride + 1
+    return [min(i * stride, size - crop) for i in range(count)]
+
+
+@torch.no_grad()
+def slide_dense(model, images: torch.Tensor, crop_size: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+    """Average of the dense maps of overlapping windows: (B, 3, H, W) -> (B, K, H, W)."""
+    H, W = images.shape[-2:]
+    ch, cw = min(crop_size[0], H), min(crop_size[1], W)
+    total = None
+    count = images.new_zeros((1, 1, H, W))
+    for y in _window_starts(H, ch, stride[0]):
+        for x in _window_starts(W, cw, stride[1]):
+            dense = model.dense(images[:, :, y : y + ch, x : x + cw])  # (B, K, ch, cw)
+            if total is None:
+                total = dense.new_zeros((images.shape[0], dense.shape[1], H, W))
+            total[:, :, y : y + ch, x : x + cw] += dense
+            count[:, :, y : y + ch, x : x + cw] += 1
+    return total / count
+
+
+@torch.no_grad()
+def infer_dense(model, images: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+    """The averaged dense map at the input size (B, K, H, W) for the configured mode, scales, flip."""
+    H, W = images.shape[-2:]
+    total = None
+    views = 0
+    for scale in cfg.scales:
+        scaled = images
+        if scale != 1.0:
+            size = (max(1, round(H * scale)), max(1, round(W * scale)))
+            scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        for flip in (False, True) if cfg.flip else (False,):
+            view = scaled.flip(-1) if flip else scaled
+            if cfg.mode == "slide":
+                dense = slide_dense(model, view, cfg.crop_size, cfg.stride)
+            else:
+                dense = model.dense(view)
+            if flip:
+                dense = dense.flip(-1)
+            if dense.shape[-2:] != (H, W):
+                dense = F.interpolate(dense, size=(H, W), mode="bilinear", align_corners=False)
+            total = dense if total is None else total + dense
+            views += 1
+    return total / views
+
+
+@torch.no_grad()
+def predict_labels(model, images: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+    """Class ids (B, H, W) for normalised images (B, 3, H, W)."""
+    return model.decide(infer_dense(model, images, cfg))
