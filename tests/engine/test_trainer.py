@@ -54,7 +54,7 @@ def test_training_run_writes_the_work_dir(tmp_path, tiny_overrides):
     first = sum(r["loss"] for r in train_rows[:3])
     last = sum(r["loss"] for r in train_rows[-3:])
     assert last < first
-    for name in ("config.yaml", "train.log", "best.pth", "iter_000012.pth", "last_checkpoint"):
+    for name in ("config.yaml", "train.log", "best.pth", "iter_000012.pth", "last_checkpoint", "curves.png"):
         assert (work / name).exists(), name
     assert (work / "last_checkpoint").read_text().strip() == "iter_000012.pth"
     metrics = json.loads((work / "eval" / "iter_000012" / "metrics.json").read_text())
@@ -138,3 +138,38 @@ def test_fp16_on_cpu_is_refused(tmp_path, tiny_overrides):
     cfg = load_config(None, tiny_overrides + ["train.amp=fp16", "train.device=cpu"])
     with pytest.raises(ConfigError, match="fp16.*needs a CUDA device"):
         Trainer(cfg, work_dir=tmp_path / "run").run()
+
+
+def test_tensorboard_scalars(tmp_path, tiny_overrides):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides + ["train.tensorboard=true"]), work_dir=work).run()
+    acc = EventAccumulator(str(work / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    train_rows, _ = read_scalars(work)
+    assert losses == pytest.approx([r["loss"] for r in train_rows])
+    assert [e.step for e in acc.Scalars("val/mIoU")] == [6]
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, tiny_overrides, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(ConfigError, match=r"pip install 'scaleseg\[tensorboard\]'"):
+        Trainer(load_config(None, tiny_overrides + ["train.tensorboard=true"]), work_dir=tmp_path / "r").run()
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path, tiny_overrides):
+    work = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides + ["train.amp=bf16"]), work_dir=work).run()
+    train_rows, _ = read_scalars(work)
+    assert all(0 < r["loss"] < 10 for r in train_rows)
+
+
+def test_atomic_writes_leave_no_temporary_files(tmp_path, tiny_overrides):
+    work = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides + ["train.keep_checkpoints=1"]), work_dir=work).run()
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_000006.pth"]  # older one pruned

@@ -14,6 +14,7 @@ Work directory layout:
     last_checkpoint      name of the newest checkpoint
     best.pth             weights with the best validation mIoU so far
     eval/iter_NNNNNN/    metrics.json and per_class.csv of the final evaluation
+    curves.png           training loss and validation metrics against iteration
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from scaleseg.engine.runtime import (
 )
 from scaleseg.errors import CheckpointError, ConfigError, ScalesegError
 from scaleseg.models import build_model
+from scaleseg.viz.curves import plot_training_curves
 
 
 class NonFiniteLossError(ScalesegError):
@@ -195,8 +197,9 @@ class Trainer:
 
         out_dir = self.work_dir / "eval" / f"iter_{tcfg.iters:06d}"
         write_results(final, meta["class_names"], out_dir, extra={"iteration": tcfg.iters})
+        curves = plot_training_curves(self.work_dir / "scalars.jsonl", self.work_dir / "curves.png")
         self.log.info("final evaluation on the val split:\n" + format_table(final, meta["class_names"]))
-        self.log.info(f"metrics written to {out_dir}")
+        self.log.info(f"metrics written to {out_dir}; training curves in {curves}")
         return summary(final)
 
     # ---------------------------------------------------------------------------------------

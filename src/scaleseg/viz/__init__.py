@@ -1,0 +1,1 @@
+"""Plots (matplotlib, Agg backend: no display needed)."""
