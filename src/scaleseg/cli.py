@@ -40,16 +40,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _eval_setup(target: str, overrides: list[str], checkpoint: str | None):
-    """-> (config, checkpoint path, default output dir) for `scaleseg eval`."""
-    from scaleseg.config import config_from_dict, load_config
+    """-> (config, checkpoint path, default output dir) for `scaleseg eval`.
+
+    ImageNet weights are never needed here (the checkpoint holds all weights), so
+    `model.pretrained` is cleared: a config from another machine still loads."""
+    from scaleseg.config import load_config
     from scaleseg.engine.checkpoint import find_last_checkpoint, load_checkpoint
 
     path = Path(target)
+    if path.suffix == ".pth":
+        return config_from_checkpoint(load_checkpoint(path), overrides), path, path.parent / "eval" / path.stem
     if path.is_dir():
         config_file = path / "config.yaml"
         if not config_file.is_file():
             raise ScalesegError(f"{path} is not a work dir (no config.yaml); pass the config file instead")
-        cfg = load_config(config_file, overrides + ["model.pretrained=null"])
         if checkpoint is None:
             best = path / "best.pth"
             ckpt = best if best.is_file() else find_last_checkpoint(path)
@@ -57,30 +61,21 @@ def _eval_setup(target: str, overrides: list[str], checkpoint: str | None):
                 raise ScalesegError(f"no checkpoint in {path} (no best.pth, no last_checkpoint); pass --checkpoint")
         else:
             ckpt = Path(checkpoint)
-        return cfg, ckpt, path / "eval" / ckpt.stem
-    if path.suffix == ".pth":
-        raw = load_checkpoint(path)["config"]
-        cfg = _config_with_overrides(raw, overrides)
-        return cfg, path, path.parent / "eval" / path.stem
+        return load_config(config_file, overrides + ["model.pretrained=null"]), ckpt, path / "eval" / ckpt.stem
     if checkpoint is None:
         raise ScalesegError("evaluating from a config file needs --checkpoint")
     cfg = load_config(path, overrides + ["model.pretrained=null"])
     return cfg, Path(checkpoint), Path(checkpoint).parent / "eval" / Path(checkpoint).stem
 
 
-def _config_with_overrides(raw: dict, overrides: list[str]):
-    """A checkpoint's config plus overrides; ImageNet weights are not needed (the checkpoint has them)."""
-    from scaleseg.config import _set_dotted, config_from_dict, parse_override
+def config_from_checkpoint(checkpoint: dict, overrides: list[str]):
+    """The config a checkpoint was trained with, plus overrides, without its ImageNet weights path."""
+    from scaleseg.config import apply_overrides, config_from_dict
 
-    raw = {**raw, "model": {**raw.get("model", {}), "pretrained": None}}
-    for item in overrides:
-        _set_dotted(raw, *parse_override(item))
-    return config_from_dict(raw)
+    return config_from_dict(apply_overrides(checkpoint["config"], [*overrides, "model.pretrained=null"]))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from scaleseg.data import build_dataset, build_eval_loader
     from scaleseg.engine.checkpoint import load_checkpoint, load_model_state
     from scaleseg.engine.evaluator import evaluate, format_table, write_results
@@ -101,11 +96,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         log.info(f"evaluating {ckpt_path} (iteration {ckpt.get('iteration')}) on {cfg.data.dataset} val, "
                  f"{len(dataset)} images, mode {cfg.eval.mode}, scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}")
         loader = build_eval_loader(cfg.data, dataset, meta["ignore_index"])
-        with torch.inference_mode():
-            results = evaluate(
-                model, loader, meta["num_classes"], meta["ignore_index"], cfg.eval, device,
-                amp_dtype(cfg.train, device), progress=not args.no_progress,
-            )
+        results = evaluate(
+            model, loader, meta["num_classes"], meta["ignore_index"], cfg.eval, device,
+            amp_dtype(cfg.train, device), progress=not args.no_progress,
+        )
         json_path, csv_path = write_results(
             results, meta["class_names"], out_dir, extra={"checkpoint": str(ckpt_path), "iteration": ckpt.get("iteration")}
         )
@@ -128,7 +122,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from scaleseg.models import build_model
 
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = _config_with_overrides(ckpt["config"], args.overrides)
+    cfg = config_from_checkpoint(ckpt, args.overrides)
     num_classes, palette = int(ckpt["num_classes"]), ckpt["palette"].numpy()
     model = build_model(cfg.model, num_classes, int(ckpt["ignore_index"]))
     load_model_state(model, ckpt, args.checkpoint, cfg.to_dict())

@@ -11,6 +11,7 @@ raises :class:`ConfigError` naming the dotted key (``model.head.scorer``) and wh
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -262,11 +263,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         raw = _read_yaml_chain(path, seen=())
         name = path.stem
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(raw, key, value)
+    raw = apply_overrides(raw, overrides or [])
     raw.setdefault("name", name)
     return config_from_dict(raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of the nested dict `raw` with `dotted.key=value` overrides applied."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return raw
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -171,12 +171,9 @@ class Trainer:
 
                 if iteration % tcfg.log_interval == 0 or iteration == tcfg.iters:
                     elapsed = time.perf_counter() - window_start
-                    record = self._log_step(
-                        iteration, optimizer, sums, window_iters, elapsed, data_time, device, scalars, writer
-                    )
+                    self._log_step(iteration, optimizer, sums, window_iters, elapsed, data_time, device, scalars, writer)
                     sums.clear()
                     window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
-                    del record
 
                 last = iteration == tcfg.iters
                 if (tcfg.eval_interval and iteration % tcfg.eval_interval == 0) or last:
@@ -283,7 +280,7 @@ class Trainer:
             self.log.info(f"new best mIoU {miou:.2f} at iteration {iteration}: saved best.pth")
         return best
 
-    def _log_step(self, iteration, optimizer, sums, n, elapsed, data_time, device, scalars, writer) -> dict:
+    def _log_step(self, iteration, optimizer, sums, n, elapsed, data_time, device, scalars, writer) -> None:
         tcfg = self.cfg.train
         terms = {k: v / n for k, v in sums.items()}
         per_iter = elapsed / n
@@ -314,7 +311,6 @@ class Trainer:
             for k, v in terms.items():
                 writer.add_scalar(f"train/{k}", v, iteration)
             writer.add_scalar("train/lr", head_lr, iteration)
-        return record
 
     def _open_scalars(self, start: int):
         """Append to scalars.jsonl, first dropping records past `start` (left by a run that crashed
