@@ -141,3 +141,22 @@ def test_flip_and_scales_average():
     two = EvalConfig(scales=(1.0, 0.5))
     half = F.interpolate(model.dense(F.interpolate(images, size=(8, 8), mode="bilinear")), size=(16, 16), mode="bilinear")
     torch.testing.assert_close(infer_dense(model, images, two), (model.dense(images) + half) / 2)
+
+
+def test_pretrained_weights_through_the_config(tmp_path):
+    from scaleseg.config import load_config
+    from scaleseg.models.backbones import build_backbone
+
+    # a torchvision-style file: backbone weights plus a classifier the backbone does not have
+    source = build_backbone("resnet18")
+    state = {k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v
+             for k, v in source.state_dict().items()}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(state, path)
+    cfg = load_config(None, ["model.backbone=resnet18", f"model.pretrained={path}"])
+    model = build_model(cfg.model, 7, 255)
+    own = model.backbone.state_dict()
+    for key, value in own.items():
+        assert torch.equal(value, state[key]), key
+    assert model.backbone.pretrained_report.ignored == ["fc.bias", "fc.weight"]
