@@ -45,6 +45,10 @@ def test_dotted_overrides_are_typed():
         ("model.decoder=3", r"model.decoder must be a mapping"),
         ("train.iters", r"write it as dotted.key=value"),
         ("train.device=tpu", r"train.device = 'tpu'"),
+        ("model.head.embedding.embed_dim=0", r"model.head.embedding.embed_dim = 0: must be > 0"),
+        ("model.head.embedding.temperature=0", r"model.head.embedding.temperature = 0.0: must be > 0"),
+        ("model.head.embedding.loss=approx", r"model.head.embedding.loss = 'approx' is not allowed"),
+        ("model.head.scorer=cosine", r"model.head.scorer = 'cosine' is not allowed; choose one of 'linear', 'embedding'"),
     ],
 )
 def test_bad_values_name_the_dotted_key(override, pattern):
@@ -89,3 +93,11 @@ def test_parse_override_and_from_dict():
     assert parse_override("a.b=") == ("a.b", None)
     cfg = config_from_dict({"train": {"iters": 7}})
     assert cfg.train.iters == 7
+
+
+def test_more_neighbours_than_negatives_is_refused():
+    with pytest.raises(ConfigError, match=r"num_neighbours = 20 is more than the 9 negatives .* data.num_classes = 10"):
+        load_config(None, ["data.num_classes=10", "model.head.scorer=embedding", "model.head.embedding.num_neighbours=20"])
+    # the exact loss has no neighbours to search: allowed
+    load_config(None, ["data.num_classes=10", "model.head.scorer=embedding", "model.head.embedding.num_neighbours=20",
+                       "model.head.embedding.loss=full"])

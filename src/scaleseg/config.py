@@ -132,18 +132,50 @@ class DecoderConfig:
 
 
 @dataclass
+class EmbeddingConfig:
+    """The ESS embedding scorer (used when model.head.scorer is embedding)."""
+
+    embed_dim: int = 12  # d: channels of the pixel embedding and width of the class table
+    num_neighbours: int = 7  # k: negatives per pixel in the kNN loss (Eq. 6)
+    temperature: float = 0.05  # tau
+    margin: float = 0.2  # m of the max-margin regulariser (Eq. 7)
+    margin_weight: float = 1.0  # 0 turns the regulariser off (the ablation)
+    negatives: Literal["nearest", "random"] = "nearest"
+    distance: Literal["squared", "euclidean"] = "squared"  # euclidean = the published code's -20 ||x - mu||
+    loss: Literal["knn", "full"] = "knn"  # full: exact cross-entropy over all C classes, chunked
+    normalize: bool = True  # L2-normalise pixel and class embeddings
+    search_backend: Literal["torch", "faiss"] = "torch"
+    search_budget_mb: int = 256  # memory bound of the nearest-class search and the exact loss tiles
+    embedding_momentum: float = 0.95  # the class table's own optimizer group (ESS supplementary A)
+    embedding_poly_power: float = 0.95
+
+    def validate(self, key: str) -> None:
+        _positive(self.embed_dim, f"{key}.embed_dim")
+        _positive(self.num_neighbours, f"{key}.num_neighbours")
+        if self.temperature <= 0:
+            raise ConfigError(f"{key}.temperature = {self.temperature}: must be > 0")
+        if self.margin < 0 or self.margin_weight < 0:
+            raise ConfigError(f"{key}.margin and {key}.margin_weight must be >= 0")
+        _positive(self.search_budget_mb, f"{key}.search_budget_mb")
+        _in_range(self.embedding_momentum, 0.0, 1.0, f"{key}.embedding_momentum", high_open=True)
+        if self.embedding_poly_power < 0:
+            raise ConfigError(f"{key}.embedding_poly_power = {self.embedding_poly_power}: must be >= 0")
+
+
+@dataclass
 class HeadConfig:
     """How a feature becomes a class: the output structure x the class scorer (DESIGN.md)."""
 
     structure: Literal["single"] = "single"
-    scorer: Literal["linear"] = "linear"
+    scorer: Literal["linear", "embedding"] = "linear"
     # full: scores bilinearly upsampled to the crop (the paper); decoder: labels nearest-downsampled to the
     # stride-4 score grid (16x fewer pixels). The default run uses decoder: the linear scorer's 1000 x H x W
     # upsampled logits cost ~2.4 s of a 2.6 s CPU step at full resolution.
     loss_resolution: Literal["full", "decoder"] = "decoder"
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
     def validate(self, key: str) -> None:
-        pass
+        self.embedding.validate(f"{key}.embedding")
 
 
 @dataclass
@@ -244,6 +276,12 @@ class Config:
     def validate(self) -> "Config":
         for section in ("data", "model", "optim", "train", "eval"):
             getattr(self, section).validate(section)
+        head, C = self.model.head, self.data.num_classes
+        if head.scorer == "embedding" and head.embedding.loss == "knn" and head.embedding.num_neighbours > C - 1:
+            raise ConfigError(
+                f"model.head.embedding.num_neighbours = {head.embedding.num_neighbours} is more than the "
+                f"{C - 1} negatives that data.num_classes = {C} allows; use at most {C - 1}"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

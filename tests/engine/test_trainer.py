@@ -77,7 +77,11 @@ def test_checkpoints_are_tensors_and_plain_types_only(tmp_path, tiny_overrides):
     assert full["samples_seen"] == 6 * 4
 
 
-@pytest.mark.parametrize("extra", [[], ["data.num_workers=2", "train.grad_accum=2", "model.decoder.dropout=0.3"]])
+@pytest.mark.parametrize("extra", [
+    [],
+    ["data.num_workers=2", "train.grad_accum=2", "model.decoder.dropout=0.3"],
+    ["model.head.scorer=embedding", "model.head.embedding.negatives=random"],
+])
 def test_resume_continues_exactly(tmp_path, tiny_overrides, monkeypatch, extra):
     overrides = tiny_overrides + extra
     straight = tmp_path / "straight"
@@ -173,3 +177,16 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path, tiny_overrides):
     Trainer(load_config(None, tiny_overrides + ["train.keep_checkpoints=1"]), work_dir=work).run()
     assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []
     assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_000006.pth"]  # older one pruned
+
+
+@pytest.mark.parametrize("loss", ["knn", "full"])
+def test_embedding_scorer_trains(tmp_path, tiny_overrides, loss):
+    work = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides + ["model.head.scorer=embedding", f"model.head.embedding.loss={loss}",
+                                              "train.iters=16", "train.checkpoint_interval=16"])
+    Trainer(cfg, work_dir=work).run()
+    rows, _ = read_scalars(work)
+    assert {"ce", "margin", "loss"} <= set(rows[0])
+    assert sum(r["ce"] for r in rows[-4:]) < sum(r["ce"] for r in rows[:4])
+    assert rows[0]["lr"]["class_embeddings"] == pytest.approx(0.05)
+    assert rows[-1]["lr"]["class_embeddings"] == pytest.approx(0.05 * (1 - 15 / 16) ** 0.95)

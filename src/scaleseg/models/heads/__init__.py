@@ -5,13 +5,32 @@ from __future__ import annotations
 from torch import nn
 
 from scaleseg.config import HeadConfig
-from scaleseg.models.heads.scorers import LinearScorer
+from scaleseg.models.heads.scorers import EmbeddingScorer, LinearScorer
 from scaleseg.models.heads.single import SingleLevelHead
 
 
 def build_scorer(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int) -> nn.Module:
-    scorers = {"linear": lambda: LinearScorer(in_channels, num_classes, ignore_index)}
-    return scorers[cfg.scorer]()
+    if cfg.scorer == "linear":
+        return LinearScorer(in_channels, num_classes, ignore_index)
+    e = cfg.embedding
+    return EmbeddingScorer(
+        in_channels,
+        num_classes,
+        embed_dim=e.embed_dim,
+        num_neighbours=e.num_neighbours,
+        temperature=e.temperature,
+        margin=e.margin,
+        margin_weight=e.margin_weight,
+        negatives=e.negatives,
+        distance=e.distance,
+        loss=e.loss,
+        normalize=e.normalize,
+        ignore_index=ignore_index,
+        search_budget_bytes=e.search_budget_mb * 2**20,
+        search_backend=e.search_backend,
+        embedding_momentum=e.embedding_momentum,
+        embedding_poly_power=e.embedding_poly_power,
+    )
 
 
 def build_head(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int) -> nn.Module:
@@ -20,4 +39,4 @@ def build_head(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index
     return structures[cfg.structure]()
 
 
-__all__ = ["build_head", "build_scorer", "LinearScorer", "SingleLevelHead"]
+__all__ = ["build_head", "build_scorer", "EmbeddingScorer", "LinearScorer", "SingleLevelHead"]

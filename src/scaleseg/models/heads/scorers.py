@@ -50,3 +50,87 @@ class LinearScorer(nn.Module):
 
     def param_groups(self) -> list[dict]:
         return [{"name": "head", "params": list(self.parameters())}]
+
+
+class EmbeddingScorer(nn.Module):
+    """ESS: a d-channel pixel embedding against a learned C x d class-embedding table.
+
+    Both are L2-normalised (unless `normalize=False`, the paper's ablation). Training loss: the
+    kNN-approximated cross-entropy (Eq. 6) or the exact one over all classes (both in bounded
+    memory), plus `margin_weight` x the max-margin regulariser (Eq. 7). Prediction: the nearest
+    class embedding, searched in chunks. Memory is O(d) per pixel: nothing of size C x H x W.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        embed_dim: int = 12,
+        num_neighbours: int = 7,
+        temperature: float = 0.05,
+        margin: float = 0.2,
+        margin_weight: float = 1.0,
+        negatives: str = "nearest",
+        distance: str = "squared",
+        loss: str = "knn",
+        normalize: bool = True,
+        ignore_index: int = 255,
+        search_budget_bytes: int = 256 * 2**20,
+        search_backend: str = "torch",
+        embedding_momentum: float = 0.95,
+        embedding_poly_power: float = 0.95,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.k, self.tau, self.margin, self.margin_weight = num_neighbours, temperature, margin, margin_weight
+        self.negatives, self.distance, self.loss_kind, self.normalize = negatives, distance, loss, normalize
+        self.search = {"budget_bytes": search_budget_bytes, "backend": search_backend}
+        self.embedding_group = {"momentum": embedding_momentum, "poly_power": embedding_poly_power}
+        self.embed = nn.Conv2d(in_channels, embed_dim, kernel_size=1)  # pixel embeddings, with bias as published
+        self.class_embeddings = nn.Parameter(torch.empty(num_classes, embed_dim).uniform_(-1.0, 1.0))  # (C, d)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.embed(features)  # (B, d, h, w), normalised where used (after any resize)
+
+    def _unit(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return F.normalize(x.float(), dim=dim) if self.normalize else x.float()
+
+    def classes(self) -> torch.Tensor:
+        return self._unit(self.class_embeddings, dim=1)  # (C, d)
+
+    def loss(self, scores: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        from scaleseg.losses import full_cross_entropy, knn_cross_entropy, margin_regularizer
+
+        d = scores.shape[1]
+        x = self._unit(scores, dim=1).permute(0, 2, 3, 1).reshape(-1, d)  # (B*H*W, d)
+        t = target.reshape(-1)
+        E = self.classes()
+        if self.loss_kind == "knn":
+            ce = knn_cross_entropy(
+                x, E, t, self.k, self.tau, self.ignore_index, self.negatives, self.distance,
+                budget_bytes=self.search["budget_bytes"], backend=self.search["backend"],
+            )
+        else:
+            ce = full_cross_entropy(x, E, t, self.tau, self.ignore_index, self.distance,
+                                    budget_bytes=self.search["budget_bytes"])
+        terms = {"ce": ce}
+        if self.margin_weight > 0:
+            terms["margin"] = self.margin_weight * margin_regularizer(E, self.margin, **self.search)
+        return terms
+
+    def dense(self, scores: torch.Tensor) -> torch.Tensor:
+        return self._unit(scores, dim=1)  # (B, d, H, W) unit pixel embeddings, averaged by inference
+
+    def decide(self, dense: torch.Tensor) -> torch.Tensor:
+        from scaleseg.search import nearest_classes
+
+        B, d, H, W = dense.shape
+        x = self._unit(dense, dim=1).permute(0, 2, 3, 1).reshape(-1, d)  # averages are re-normalised
+        return nearest_classes(x, self.classes(), 1, **self.search)[:, 0].view(B, H, W)
+
+    def param_groups(self) -> list[dict]:
+        return [
+            {"name": "head", "params": list(self.embed.parameters())},
+            {"name": "class_embeddings", "params": [self.class_embeddings], **self.embedding_group},
+        ]
