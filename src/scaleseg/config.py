@@ -208,6 +208,7 @@ class OptimConfig:
     poly_power: float = 0.9
     backbone_lr_mult: float = 0.1
     warmup_iters: int = 0  # linear warm-up from 0.1 x lr; 0 = none (the paper uses none)
+    clip_grad_norm: float | None = None  # clip the global gradient norm to this value; null = no clipping
 
     def validate(self, key: str) -> None:
         if self.lr <= 0:
@@ -215,6 +216,8 @@ class OptimConfig:
         _in_range(self.momentum, 0.0, 1.0, f"{key}.momentum", high_open=True)
         if self.weight_decay < 0 or self.poly_power < 0 or self.backbone_lr_mult < 0 or self.warmup_iters < 0:
             raise ConfigError(f"{key}: weight_decay, poly_power, backbone_lr_mult and warmup_iters must be >= 0")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ConfigError(f"{key}.clip_grad_norm = {self.clip_grad_norm}: must be > 0, or null for no clipping")
 
 
 @dataclass

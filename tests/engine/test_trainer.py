@@ -190,3 +190,21 @@ def test_embedding_scorer_trains(tmp_path, tiny_overrides, loss):
     assert sum(r["ce"] for r in rows[-4:]) < sum(r["ce"] for r in rows[:4])
     assert rows[0]["lr"]["class_embeddings"] == pytest.approx(0.05)
     assert rows[-1]["lr"]["class_embeddings"] == pytest.approx(0.05 * (1 - 15 / 16) ** 0.95)
+
+
+def test_gradient_clipping_bounds_the_first_update(tmp_path, tiny_overrides):
+    from scaleseg.engine.checkpoint import load_checkpoint
+
+    overrides = tiny_overrides + ["optim.momentum=0", "optim.weight_decay=0", "optim.backbone_lr_mult=1",
+                                  "optim.clip_grad_norm=0.01", "train.iters=1", "train.checkpoint_interval=1"]
+    cfg = load_config(None, overrides)
+    torch.manual_seed(cfg.train.seed)
+    before = build_model(cfg.model, 40, 255).state_dict()  # the trainer builds the same initial weights
+    work = tmp_path / "run"
+    Trainer(cfg, work_dir=work).run()
+    after = load_checkpoint(work / "iter_000001.pth")["model"]
+    step = torch.sqrt(sum(((after[k].float() - before[k].float()) ** 2).sum()
+                          for k in before if before[k].is_floating_point() and "running" not in k))
+    assert 0 < step <= 0.05 * 0.01 * 1.001  # lr x clip
+    rows, _ = read_scalars(work)
+    assert rows[0]["grad_norm"] > 0.01  # the norm before clipping is logged

@@ -136,7 +136,7 @@ class Trainer:
         model.train()
         data_iter = iter(loader)
         sums: dict[str, float] = defaultdict(float)
-        window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
+        window_start, window_iters, data_time, grad_norm_sum = time.perf_counter(), 0, 0.0, 0.0
         final: dict = {}
         bar = tqdm(
             total=tcfg.iters, initial=start, desc="train", unit="it", disable=not tcfg.progress, dynamic_ncols=True
@@ -161,6 +161,10 @@ class Trainer:
                     scaler.scale(terms["loss"] / tcfg.grad_accum).backward()
                     for k, v in values.items():
                         sums[k] += v / tcfg.grad_accum
+                if cfg.optim.clip_grad_norm is not None:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+                    grad_norm_sum += float(grad_norm)  # before clipping
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -171,9 +175,12 @@ class Trainer:
 
                 if iteration % tcfg.log_interval == 0 or iteration == tcfg.iters:
                     elapsed = time.perf_counter() - window_start
-                    self._log_step(iteration, optimizer, sums, window_iters, elapsed, data_time, device, scalars, writer)
+                    grad_norm = grad_norm_sum / window_iters if cfg.optim.clip_grad_norm is not None else None
+                    self._log_step(
+                        iteration, optimizer, sums, window_iters, elapsed, data_time, grad_norm, device, scalars, writer
+                    )
                     sums.clear()
-                    window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
+                    window_start, window_iters, data_time, grad_norm_sum = time.perf_counter(), 0, 0.0, 0.0
 
                 last = iteration == tcfg.iters
                 if (tcfg.eval_interval and iteration % tcfg.eval_interval == 0) or last:
@@ -280,7 +287,7 @@ class Trainer:
             self.log.info(f"new best mIoU {miou:.2f} at iteration {iteration}: saved best.pth")
         return best
 
-    def _log_step(self, iteration, optimizer, sums, n, elapsed, data_time, device, scalars, writer) -> None:
+    def _log_step(self, iteration, optimizer, sums, n, elapsed, data_time, grad_norm, device, scalars, writer) -> None:
         tcfg = self.cfg.train
         terms = {k: v / n for k, v in sums.items()}
         per_iter = elapsed / n
@@ -292,6 +299,8 @@ class Trainer:
         others = [f"{k} {v:.4f}" for k, v in terms.items() if k != "loss"]
         if others:
             loss_text += " (" + ", ".join(others) + ")"
+        if grad_norm is not None:
+            loss_text += f"  grad norm {grad_norm:.2f}"
         self.log.info(
             f"iter {iteration}/{tcfg.iters}  lr {head_lr:.3e}  {loss_text}  time {per_iter:.3f}s/it "
             f"(data {data_time / n:.3f}s)  eta {_hms(eta)}  peak mem {mem:.0f} MiB ({kind})"
@@ -305,6 +314,8 @@ class Trainer:
             "data_time": data_time / n,
             f"peak_mem_mb_{kind}": mem,
         }
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
         scalars.write(json.dumps(record) + "\n")
         scalars.flush()
         if writer is not None:

@@ -17,7 +17,7 @@ def plot_training_curves(scalars_path: Path, out_path: Path) -> Path:
     train = [r for r in rows if r.get("split") == "train"]
     val = [r for r in rows if r.get("split") == "val"]
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-    skip = {"iter", "split", "lr", "time_per_iter", "data_time"}
+    skip = {"iter", "split", "lr", "time_per_iter", "data_time", "grad_norm"}
     terms = [k for k in (train[0] if train else {}) if k not in skip and not k.startswith("peak_mem")]
     for key in terms:
         ax_loss.plot([r["iter"] for r in train], [r[key] for r in train], label=key)
