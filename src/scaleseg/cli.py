@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from scaleseg.errors import ScalesegError
+from scaleseg.bench.memory import DEFAULT_CLASSES
 
 
 def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
@@ -154,6 +155,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from scaleseg.bench.memory import HEADS, format_table, run_benchmark
+
+    unknown = [h for h in args.heads if h not in HEADS]
+    if unknown:
+        raise ScalesegError(f"unknown head {unknown[0]!r} for --heads; choose from {', '.join(HEADS)}")
+    from scaleseg.config import load_config
+
+    load_config(None, list(args.set or []))  # a bad --set fails here, naming the key, not in every child
+    records = run_benchmark(args)
+    print(format_table(records, args.heads, args.classes))
+    print(f"wrote {Path(args.out) / 'memory.json'}, memory.md and memory.png")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    bench = sub.add_parser("bench", help="memory and speed benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("memory", help="peak training memory vs number of classes, one process per configuration")
+    p.add_argument("--classes", type=_int_list, default=list(DEFAULT_CLASSES), metavar="C,C,...")
+    p.add_argument("--heads", type=lambda t: t.split(","), default=["baseline", "ess-knn", "ess-full"],
+                   metavar="H,H,...", help="baseline, ess-knn, ess-full")
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=2, help="training steps per configuration (>= 2: momentum buffers)")
+    p.add_argument("--loss-resolution", default="full", choices=["full", "decoder"])
+    p.add_argument("--limit-gb", type=float, default=None,
+                   help="CPU: address-space limit per process, so running out of memory is an error, not the OOM killer")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="extra config override for every configuration (repeatable), e.g. model.head.embedding.search_budget_mb=64")
+    p.add_argument("--out", default="bench_results/memory")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench_memory)
     return parser
 
 

@@ -1,0 +1,189 @@
+"""Peak training memory versus the number of classes, one configuration per process.
+
+For each (head, C) a fresh Python process builds the model and optimizer with random inputs of the
+chosen batch and crop, records its memory baseline, runs `steps` full training steps (forward,
+loss, backward, optimizer; the first step allocates the momentum buffers) and reports:
+
+* on CUDA: `torch.cuda.max_memory_allocated` (the peak, and the peak minus the baseline);
+* on CPU: the process's peak resident set size (VmHWM) and that peak minus the resident size
+  right after model creation (the training step's own memory).
+
+A configuration that runs out of memory (CUDA OOM, a failed CPU allocation under the per-process
+address-space limit, or a process killed by the kernel) is recorded as such, not as a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HEADS = {
+    "baseline": ["model.head.scorer=linear"],
+    "ess-knn": ["model.head.scorer=embedding", "model.head.embedding.loss=knn"],
+    "ess-full": ["model.head.scorer=embedding", "model.head.embedding.loss=full"],
+}
+DEFAULT_CLASSES = (19, 150, 1284, 5000, 20000, 100000)
+
+
+def _rss_mb(field: str) -> float:
+    """VmRSS (current) or VmHWM (peak) of this process in MiB, from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(head: str, num_classes: int, backbone: str, batch: int, crop: int, device: str, steps: int,
+            loss_resolution: str, overrides: list[str] = ()) -> dict:
+    """One configuration, in this process. Returns a JSON-able record. `overrides` are dotted
+    config overrides applied last (e.g. model.head.embedding.search_budget_mb=64)."""
+    import torch
+
+    from scaleseg.config import load_config
+    from scaleseg.engine.optim import build_optimizer
+    from scaleseg.engine.runtime import select_device
+    from scaleseg.models import build_model
+
+    dev = select_device(device)
+    cfg = load_config(None, [*HEADS[head], f"data.num_classes={num_classes}", f"model.backbone={backbone}",
+                             f"model.head.loss_resolution={loss_resolution}", f"data.batch_size={batch}",
+                             *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes, ignore_index=-1).to(dev).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    images = torch.randn(batch, 3, crop, crop, device=dev)
+    target = torch.randint(0, num_classes, (batch, crop, crop), device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev) / 2**20
+    else:
+        base = _rss_mb("VmRSS")
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = model.loss(model(images), target)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+        kind = "cuda max_memory_allocated"
+    else:
+        peak = _rss_mb("VmHWM")
+        kind = "cpu peak RSS"
+    return {
+        "status": "ok", "peak_mb": round(peak, 1), "step_mb": round(peak - base, 1), "baseline_mb": round(base, 1),
+        "measure": kind, "step_seconds": round(min(times), 3),
+    }
+
+
+def run_one_subprocess(head: str, num_classes: int, args, limit_gb: float | None) -> dict:
+    """Measure one configuration in a fresh interpreter (so peaks do not mix)."""
+    cmd = [sys.executable, "-m", "scaleseg.bench.memory", head, str(num_classes), args.backbone, str(args.batch),
+           str(args.crop), args.device, str(args.steps), args.loss_resolution, str(limit_gb or 0), *(args.set or [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    record = {"head": head, "num_classes": num_classes}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return {**record, **json.loads(lines[-1])}
+    if proc.returncode < 0:  # killed by a signal: the kernel's OOM killer sends SIGKILL
+        return {**record, "status": "killed", "detail": f"signal {-proc.returncode} (out of memory?)"}
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {**record, "status": "error", "detail": tail[:300]}
+
+
+def run_benchmark(args) -> list[dict]:
+    """All (head, C) pairs, one process each, with a progress bar; writes memory.json, memory.md
+    and memory.png into args.out and returns the records."""
+    from tqdm import tqdm
+
+    pairs = [(h, c) for h in args.heads for c in args.classes]
+    records = []
+    for head, num_classes in tqdm(pairs, desc="bench memory", unit="config", disable=args.no_progress):
+        records.append(run_one_subprocess(head, num_classes, args, args.limit_gb))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "backbone": args.backbone, "batch": args.batch, "crop": args.crop, "device": args.device,
+        "steps": args.steps, "loss_resolution": args.loss_resolution, "limit_gb": args.limit_gb,
+        "overrides": list(args.set or []),
+        "command": "scaleseg bench memory " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "",
+    }
+    (out / "memory.json").write_text(json.dumps({"settings": meta, "results": records}, indent=2) + "\n")
+    table = format_table(records, args.heads, args.classes)
+    (out / "memory.md").write_text(table + "\n")
+    plot(records, args.heads, out / "memory.png", meta)
+    return records
+
+
+def _cell(record: dict) -> str:
+    if record["status"] == "ok":
+        return f"{record['step_mb']:,.0f} ({record['peak_mb']:,.0f})"
+    return record["status"].upper()
+
+
+def format_table(records: list[dict], heads: list[str], classes: list[int]) -> str:
+    """Markdown: rows = heads, columns = C; cells 'step MiB (peak MiB)' or OOM/KILLED/ERROR."""
+    by = {(r["head"], r["num_classes"]): r for r in records}
+    lines = ["| head | " + " | ".join(f"C = {c:,}" for c in classes) + " |", "| --- |" + " --- |" * len(classes)]
+    for h in heads:
+        lines.append(f"| {h} | " + " | ".join(_cell(by[(h, c)]) for c in classes) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], heads: list[str], path: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for h in heads:
+        ok = [r for r in records if r["head"] == h and r["status"] == "ok"]
+        failed = [r for r in records if r["head"] == h and r["status"] != "ok"]
+        line, = ax.plot([r["num_classes"] for r in ok], [r["step_mb"] for r in ok], marker="o", label=h)
+        if failed and ok:
+            top = max(r["step_mb"] for r in records if r["status"] == "ok")
+            ax.scatter([r["num_classes"] for r in failed], [top * 1.15] * len(failed), marker="x", s=80,
+                       color=line.get_color(), label=f"{h}: out of memory")
+    ax.set_xscale("log")
+    ax.set(xlabel="number of classes C", ylabel="training-step memory (MiB)",
+           title=f"{meta['backbone']}, batch {meta['batch']}, crop {meta['crop']}, {meta['device']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _child_main(argv: list[str]) -> int:
+    head, num_classes, backbone, batch, crop, device, steps, loss_resolution, limit_gb, *overrides = argv
+    if float(limit_gb) > 0:  # CPU: a failed allocation (catchable) instead of the OOM killer
+        limit = int(float(limit_gb) * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        record = measure(head, int(num_classes), backbone, int(batch), int(crop), device, int(steps), loss_resolution,
+                         overrides)
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(exc)
+        if isinstance(exc, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text:
+            record = {"status": "oom", "detail": text.strip().splitlines()[0][:200]}
+        else:
+            raise
+    print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    sys.exit(_child_main(sys.argv[1:]))
