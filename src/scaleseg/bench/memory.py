@@ -113,8 +113,10 @@ def run_benchmark(args) -> list[dict]:
         records.append(run_one_subprocess(head, num_classes, args, args.limit_gb))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from scaleseg.engine.runtime import select_device
+
     meta = {
-        "backbone": args.backbone, "batch": args.batch, "crop": args.crop, "device": args.device,
+        "backbone": args.backbone, "batch": args.batch, "crop": args.crop, "device": str(select_device(args.device)),
         "steps": args.steps, "loss_resolution": args.loss_resolution, "limit_gb": args.limit_gb,
         "overrides": list(args.set or []),
         "command": "scaleseg bench memory " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "",
@@ -158,7 +160,8 @@ def plot(records: list[dict], heads: list[str], path: Path, meta: dict) -> None:
                        color=line.get_color(), label=f"{h}: out of memory")
     ax.set_xscale("log")
     ax.set(xlabel="number of classes C", ylabel="training-step memory (MiB)",
-           title=f"{meta['backbone']}, batch {meta['batch']}, crop {meta['crop']}, {meta['device']}")
+           title=f"{meta['backbone']}, batch {meta['batch']}, crop {meta['crop']}, {meta['device']}"
+                 + (f", {meta['limit_gb']:g} GiB limit" if meta.get("limit_gb") else ""))
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
