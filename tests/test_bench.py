@@ -23,6 +23,8 @@ def test_bench_memory_baseline_grows_with_classes_and_ess_does_not(tmp_path, cap
     assert baseline_growth > 600, by
     assert ess_growth < 100, by
     assert report["settings"]["overrides"] == ["model.head.embedding.search_budget_mb=4"]
+    assert report["settings"]["command"].startswith("scaleseg bench memory --classes 10,20000 --heads baseline,ess-knn")
+    assert "--set model.head.embedding.search_budget_mb=4" in report["settings"]["command"]
     assert (out / "memory.png").stat().st_size > 0
     table = (out / "memory.md").read_text()
     assert table.startswith("| head | C = 10 | C = 20,000 |") and "| ess-knn |" in table

@@ -119,13 +119,25 @@ def run_benchmark(args) -> list[dict]:
         "backbone": args.backbone, "batch": args.batch, "crop": args.crop, "device": str(select_device(args.device)),
         "steps": args.steps, "loss_resolution": args.loss_resolution, "limit_gb": args.limit_gb,
         "overrides": list(args.set or []),
-        "command": "scaleseg bench memory " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "",
+        "command": command_line(args),
     }
     (out / "memory.json").write_text(json.dumps({"settings": meta, "results": records}, indent=2) + "\n")
     table = format_table(records, args.heads, args.classes)
     (out / "memory.md").write_text(table + "\n")
     plot(records, args.heads, out / "memory.png", meta)
     return records
+
+
+def command_line(args) -> str:
+    """The `scaleseg bench memory` command that reproduces this run (recorded in memory.json)."""
+    parts = ["scaleseg bench memory", "--classes", ",".join(map(str, args.classes)), "--heads", ",".join(args.heads),
+             "--backbone", args.backbone, "--batch", str(args.batch), "--crop", str(args.crop), "--device", args.device,
+             "--steps", str(args.steps), "--loss-resolution", args.loss_resolution]
+    if args.limit_gb:
+        parts += ["--limit-gb", f"{args.limit_gb:g}"]
+    for override in args.set or []:
+        parts += ["--set", override]
+    return " ".join(parts + ["--out", str(args.out)])
 
 
 def _cell(record: dict) -> str:
