@@ -3,6 +3,9 @@
     scaleseg train [CONFIG.yaml] [key=value ...] [--work-dir DIR] [--resume [CKPT]]
     scaleseg eval  WORK_DIR | CONFIG.yaml | CKPT.pth [key=value ...] [--checkpoint CKPT] [--out DIR]
     scaleseg predict CKPT.pth IMAGE_OR_FOLDER --out DIR [key=value ...]
+    scaleseg prepare {cityscapes,voc-aug,ade20k-full,coco-lvis} ...
+    scaleseg check-data [CONFIG.yaml] [key=value ...] [--splits train,val] [--no-progress]
+    scaleseg bench memory ...
 
 `key=value` items are dotted config overrides (model.backbone=resnet50 train.iters=200).
 """
@@ -109,6 +112,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    """Read every sample of the configured dataset's splits; print a summary and every problem.
+    Exit status 0 when clean, 1 when a problem was found."""
+    import json
+
+    from scaleseg.config import load_config
+    from scaleseg.data.check import check_config, format_report
+
+    config, overrides = _split_config_and_overrides(args.args)
+    cfg = load_config(config, overrides)
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    if not splits:
+        raise ScalesegError(f"--splits {args.splits!r} names no split; e.g. --splits train,val")
+    if args.workers is not None and args.workers < 0:
+        raise ScalesegError(f"--workers {args.workers}: must be >= 0")
+    reports = check_config(cfg.data, splits, progress=not args.no_progress, num_workers=args.workers)
+    print(format_report(reports))
+    for r in reports:
+        if r.num_classes and r.num_classes != cfg.data.num_classes:
+            print(f"note: data.num_classes = {cfg.data.num_classes} but {r.dataset} {r.split} has {r.num_classes} "
+                  f"classes; training needs data.num_classes={r.num_classes}")
+            break
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps([r.to_dict() for r in reports], indent=1))
+        print(f"wrote {out}")
+    return 0 if all(r.ok for r in reports) else 1
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -203,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    from scaleseg.data.prepare import add_parsers as add_prepare_parsers
+
+    prepare = sub.add_parser("prepare", help="convert a downloaded dataset to the files its loader reads")
+    add_prepare_parsers(prepare.add_subparsers(dest="dataset", required=True))
+
+    p = sub.add_parser("check-data", help="read every sample of the dataset's splits and report every problem")
+    p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help="a YAML config, then dotted overrides")
+    p.add_argument("--splits", default="train,val", help="comma-separated splits to check (default train,val)")
+    p.add_argument("--workers", type=int, default=None, help="reader processes (default data.num_workers)")
+    p.add_argument("--json", metavar="FILE", help="also write the full report (per-class pixel and image counts)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_check_data)
 
     bench = sub.add_parser("bench", help="memory and speed benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("memory", help="peak training memory vs number of classes, one process per configuration")

@@ -61,12 +61,15 @@ class SyntheticConfig:
 
 @dataclass
 class TrainPipelineConfig:
-    """Training augmentation: random resize, random crop, flip, pad (image 0, label ignore)."""
+    """Training augmentation: random resize, random crop, flip, photometric distortion, pad (image 0, label ignore)."""
 
     crop_size: Size = (128, 128)
     scale_range: tuple[float, float] = (0.5, 2.0)  # random resize ratio, relative to the image
     cat_max_ratio: float = 0.75  # retry crops (up to 10) until no class covers more than this; 1 = off
     flip: bool = True
+    # mmsegmentation's PhotoMetricDistortion (brightness, contrast, saturation, hue; each with p = 0.5).
+    # Off by default: the synthetic dataset's classes differ by small colour steps that it would blur.
+    photometric: bool = False
 
     def validate(self, key: str) -> None:
         _positive_size(self.crop_size, f"{key}.crop_size")
@@ -78,7 +81,18 @@ class TrainPipelineConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["synthetic"] = "synthetic"
+    # synthetic: the built-in generator; the others read a published layout under `root` (README, Datasets)
+    dataset: Literal[
+        "synthetic", "cityscapes", "voc", "voc_aug", "ade20k", "ade20k_full",
+        "cocostuff10k", "cocostuff164k", "coco_lvis", "folder",
+    ] = "synthetic"
+    root: str | None = None  # the extracted archive (or a prepared folder) of a file dataset
+    train_split: str | None = None  # None: the dataset's own training split (e.g. trainaug for voc_aug)
+    val_split: str | None = None  # None: the dataset's own evaluation split
+    on_bad_sample: Literal["error", "skip"] = "error"  # skip: replace a bad sample and warn with a count
+    # LVIS repeat-factor sampling: an image is repeated r = max(1, sqrt(t / f_c)) times per epoch over its
+    # rarest class c (f_c: fraction of train images containing c); null = off, LVIS uses t = 0.001
+    repeat_factor_threshold: float | None = None
     num_classes: int = 1000
     ignore_index: int | None = None  # None: the dataset's own (255, or 65535 above 255 classes)
     batch_size: int = 8
@@ -101,6 +115,12 @@ class DataConfig:
             )
         if self.num_workers < 0:
             raise ConfigError(f"{key}.num_workers = {self.num_workers}: must be >= 0")
+        t = self.repeat_factor_threshold
+        if t is not None and not 0 < t <= 1:
+            raise ConfigError(
+                f"{key}.repeat_factor_threshold = {t}: must be in (0, 1] (a fraction of the training images; "
+                "LVIS uses 0.001), or null to sample every image once per epoch"
+            )
         self.synthetic.validate(f"{key}.synthetic")
         self.train_pipeline.validate(f"{key}.train_pipeline")
         if self.dataset == "synthetic":

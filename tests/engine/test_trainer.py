@@ -81,6 +81,7 @@ def test_checkpoints_are_tensors_and_plain_types_only(tmp_path, tiny_overrides):
     [],
     ["data.num_workers=2", "train.grad_accum=2", "model.decoder.dropout=0.3"],
     ["model.head.scorer=embedding", "model.head.embedding.negatives=random"],
+    ["data.repeat_factor_threshold=0.3", "data.train_pipeline.photometric=true"],
 ])
 def test_resume_continues_exactly(tmp_path, tiny_overrides, monkeypatch, extra):
     overrides = tiny_overrides + extra

@@ -7,6 +7,8 @@ into batches {"image": float (B, 3, h, w), "label": int64 (B, h, w), "name": lis
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -14,6 +16,28 @@ from torch.utils.data import DataLoader, Dataset
 from scaleseg.config import DataConfig
 from scaleseg.data.samplers import ResumableSampler
 from scaleseg.data.transforms import EvalTransform, TrainTransform
+
+
+# data.dataset -> "module:class" of a FileSegmentation subclass under scaleseg.data.datasets
+FILE_DATASETS = {
+    "cityscapes": "cityscapes:Cityscapes",
+    "voc": "voc:PascalVOC",
+    "voc_aug": "voc:PascalVOCAug",
+    "ade20k": "ade20k:ADE20K",
+    "ade20k_full": "ade20k:ADE20KFull",
+    "cocostuff10k": "cocostuff:COCOStuff10k",
+    "cocostuff164k": "cocostuff:COCOStuff164k",
+    "coco_lvis": "coco_lvis:COCOLVIS",
+    "folder": "folder:FolderSegmentation",
+}
+
+
+def dataset_class(name: str):
+    """The FileSegmentation subclass of `data.dataset` = name."""
+    import importlib
+
+    module, cls = FILE_DATASETS[name].split(":")
+    return getattr(importlib.import_module(f"scaleseg.data.datasets.{module}"), cls)
 
 
 def build_dataset(cfg: DataConfig, split: str) -> Dataset:
@@ -34,7 +58,10 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset:
             max_things=s.max_things,
             boundary_ignore=s.boundary_ignore,
         )
-    raise AssertionError(f"unhandled dataset {cfg.dataset!r}")  # config validation lists the choices
+    if cfg.dataset not in FILE_DATASETS:
+        raise AssertionError(f"unhandled dataset {cfg.dataset!r}")  # config validation lists the choices
+    explicit = cfg.train_split if split == "train" else cfg.val_split
+    return dataset_class(cfg.dataset).from_config(cfg, explicit or split)
 
 
 class TransformedDataset(Dataset):
@@ -63,14 +90,37 @@ class TransformedDataset(Dataset):
         return self.transform(sample, rng)
 
 
-def build_train_loader(cfg: DataConfig, dataset: Dataset, ignore_index: int, seed: int, start: int = 0) -> DataLoader:
-    """Endless shuffled loader starting at sample position `start` (samples already consumed)."""
+def build_train_loader(
+    cfg: DataConfig,
+    dataset: Dataset,
+    ignore_index: int,
+    seed: int,
+    start: int = 0,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+) -> DataLoader:
+    """Endless shuffled loader starting at sample position `start` (samples already consumed).
+
+    With `cfg.repeat_factor_threshold` set, images are drawn by LVIS repeat-factor sampling; the
+    per-image class sets it needs are scanned once (a progress bar unless `progress` is false) and
+    cached under `work_dir` (no cache without one)."""
+    from scaleseg.data.samplers import RepeatFactorSampler, class_sets_cache_path, image_class_sets, repeat_factors
+
     p = cfg.train_pipeline
-    transform = TrainTransform(p.crop_size, p.scale_range, p.cat_max_ratio, p.flip, ignore_index)
+    transform = TrainTransform(
+        p.crop_size, p.scale_range, p.cat_max_ratio, p.flip, ignore_index, photometric=p.photometric
+    )
+    if cfg.repeat_factor_threshold is None:
+        sampler = ResumableSampler(len(dataset), seed=seed, start=start)
+    else:
+        cache = class_sets_cache_path(work_dir, dataset) if work_dir is not None else None
+        class_sets = image_class_sets(dataset, progress=progress, cache_path=cache, num_workers=cfg.num_workers)
+        factors = repeat_factors(class_sets, cfg.repeat_factor_threshold)
+        sampler = RepeatFactorSampler(factors, seed=seed, start=start)
     return DataLoader(
         TransformedDataset(dataset, transform, seed=seed, ignore_index=ignore_index),
         batch_size=cfg.batch_size,
-        sampler=ResumableSampler(len(dataset), seed=seed, start=start),
+        sampler=sampler,
         num_workers=cfg.num_workers,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),

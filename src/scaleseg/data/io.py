@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +65,40 @@ def list_images(path: Path) -> list[Path]:
     if not files:
         raise DataError(f"folder {str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call `write(tmp)` on a hidden temporary path beside `path`, then rename it over `path`, so a
+    reader (or a resumed converter) never sees a half-written file. On failure the temporary is
+    removed; an OSError becomes a DataError naming `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(f"cannot write {str(path)!r} ({exc}); check that the folder is writable and the disk not full") from None
+    finally:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_png_atomic(path: str | Path, label: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """A label map as a PNG, atomically: uint8 -> 8-bit grey (a palette PNG with `palette`, (256, 3)
+    uint8), uint16 -> 16-bit grey. Other dtypes are refused rather than silently converted."""
+    label = np.ascontiguousarray(label)
+    if label.dtype == np.uint8:
+        image = Image.fromarray(label, mode="L")
+        if palette is not None:
+            image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())  # mode P
+    elif label.dtype == np.uint16:
+        if palette is not None:
+            raise ValueError("a 16-bit PNG cannot have a palette")
+        image = Image.fromarray(label)  # mode I;16
+    else:
+        raise ValueError(f"write_png_atomic takes uint8 or uint16 labels, not {label.dtype}")
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

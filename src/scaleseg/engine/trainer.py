@@ -120,7 +120,10 @@ class Trainer:
         scalars = self._open_scalars(start)
 
         per_step = cfg.data.batch_size * tcfg.grad_accum
-        loader = build_train_loader(cfg.data, train_set, meta["ignore_index"], tcfg.seed, start=start * per_step)
+        loader = build_train_loader(
+            cfg.data, train_set, meta["ignore_index"], tcfg.seed, start=start * per_step,
+            work_dir=self.work_dir, progress=tcfg.progress,
+        )
         val_loader = build_eval_loader(cfg.data, val_set, meta["ignore_index"])
         n_params = sum(p.numel() for p in model.parameters())
         self.log.info(

@@ -1,0 +1,232 @@
+"""Shared machinery of the file-based datasets: listing (image, label) pairs, reading labels
+without truncation, and checking every sample with errors that name the file.
+
+A file dataset subclasses `FileSegmentation` and provides:
+
+* `NAME`, `CLASS_NAMES` (or `class_names` set in `__init__`), `IGNORE_INDEX`, `LABEL_BITS` (8 or 16:
+  the bit depth its label files must have), `SPLITS` (run split "train"/"val" -> the dataset's own
+  split name, e.g. ADE20K's "training"/"validation");
+* `list_samples(self)`: the `Sample`s of `self.split` under `self.root`, in a fixed order;
+* `decode_label(self, raw, sample)`: the file's array -> class ids (int64), `ignore_index`
+  elsewhere (e.g. Cityscapes' labelId -> trainId lookup). The default returns `raw` as is.
+
+`__getitem__` reads the image (uint8 RGB) and the label, and checks that both have the same size and
+that every label value is a class id or the ignore value. A problem raises `DataError` naming the
+file; with `on_bad_sample="skip"` the sample is replaced by the next good one and a warning counts
+the skips (missing files are found when the split is listed, so they are counted up front).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from scaleseg.data.io import read_image
+from scaleseg.errors import DataError
+
+# The most skipped samples in a row before a skip-mode dataset gives up (something is badly wrong).
+MAX_CONSECUTIVE_SKIPS = 20
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One item of a split: a name (unique in the split), its image file and its label file."""
+
+    name: str
+    image: Path
+    label: Path
+
+
+def read_label_file(path: str | Path, bits: int) -> np.ndarray:
+    """A label PNG (or TIFF) -> its stored integer values, never truncated or colour-converted.
+
+    Palette ("P") and 8-bit grey ("L") images give their indices; 16-bit PNGs ("I;16") and
+    32-bit integer images ("I") their values. `bits` is the largest depth the dataset allows: a
+    16-bit file where 8 bits are expected is an error (it would hold ids the dataset cannot have),
+    as is a colour (RGB) image, which is a visualisation rather than a label map.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"label {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("P", "L", "1"):
+                array = np.array(im if mode != "1" else im.convert("L"), dtype=np.uint8)
+                depth = 8
+            elif mode.startswith("I;16"):
+                array = np.array(im, dtype=np.uint16)
+                depth = 16
+            elif mode == "I":
+                array = np.array(im, dtype=np.int64)
+                # PIL opens some 16-bit PNGs as mode "I": the file's bit depth decides, not the mode
+                depth = 16 if (im.format == "PNG" or array.size == 0 or array.max() <= 65535) else 32
+            else:
+                raise DataError(
+                    f"label {str(path)!r} is a {mode} image; a label map must be single-channel "
+                    "(palette, 8-bit or 16-bit grey) holding class ids, not colours"
+                )
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"label {str(path)!r} cannot be decoded ({exc}); the file is corrupt or not an image") from None
+    if depth > bits:
+        raise DataError(
+            f"label {str(path)!r} is a {depth}-bit image but this dataset's labels are {bits}-bit; "
+            "it does not belong to this dataset (or was written with the wrong depth)"
+        )
+    return array
+
+
+def make_palette(num_classes: int, seed: int = 0) -> np.ndarray:
+    """(C, 3) uint8 distinct display colours (golden-ratio hues, varied saturation and value)."""
+    ids = np.arange(num_classes, dtype=np.float64)
+    hue = (ids * 0.6180339887498949 + seed * 0.1) % 1.0
+    sat = 0.55 + 0.45 * ((ids * 0.7548776662466927) % 1.0)
+    val = 0.6 + 0.4 * ((ids * 0.5698402909980532) % 1.0)
+    i = np.floor(hue * 6).astype(np.int64) % 6
+    f = hue * 6 - np.floor(hue * 6)
+    p, q, t = val * (1 - sat), val * (1 - f * sat), val * (1 - (1 - f) * sat)
+    r = np.choose(i, [val, q, p, p, t, val])
+    g = np.choose(i, [t, val, val, q, p, p])
+    b = np.choose(i, [p, p, t, val, val, q])
+    return np.round(np.stack([r, g, b], axis=1) * 255).astype(np.uint8)
+
+
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """Non-empty stripped lines of a text file (split lists, class lists), or a DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {str(path)!r} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what} {str(path)!r} cannot be read ({exc})") from None
+    return [line.strip() for line in lines if line.strip()]
+
+
+def check_root(root: str | Path | None, dataset: str, expected: str) -> Path:
+    """`data.root` as a Path, or a DataError saying what layout is expected there."""
+    if root is None:
+        raise DataError(f"data.root is not set; point it at the extracted {dataset} archive ({expected})")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data.root {str(path)!r} is not a folder; point it at the extracted {dataset} archive ({expected})")
+    return path
+
+
+class FileSegmentation(Dataset):
+    """A split of (image file, label file) pairs; see the module docstring for the protocol."""
+
+    NAME: ClassVar[str] = ""
+    CLASS_NAMES: ClassVar[tuple[str, ...]] = ()
+    IGNORE_INDEX: ClassVar[int] = 255
+    LABEL_BITS: ClassVar[int] = 8
+    SPLITS: ClassVar[dict[str, str]] = {"train": "train", "val": "val"}
+    LAYOUT: ClassVar[str] = ""  # the expected layout under data.root, for error messages
+
+    def __init__(self, root: str | Path | None, split: str, on_bad_sample: str = "error") -> None:
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', not {on_bad_sample!r}")
+        self.root = check_root(root, self.NAME, self.LAYOUT)
+        self.split = self.SPLITS.get(split, split)
+        self.on_bad_sample = on_bad_sample
+        if not getattr(self, "class_names", None):
+            self.class_names = list(self.CLASS_NAMES)
+        self.num_classes = len(self.class_names)
+        self.ignore_index = self.IGNORE_INDEX
+        if not hasattr(self, "palette"):
+            self.palette = make_palette(self.num_classes)
+        self.skipped = 0  # samples skipped by __getitem__ in this process (skip mode)
+        samples = self.list_samples()
+        if not samples:
+            raise DataError(f"{self.NAME}: split {self.split!r} under {str(self.root)!r} has no samples ({self.LAYOUT})")
+        self.samples = self._drop_missing(samples)
+
+    @classmethod
+    def from_config(cls, cfg, split: str) -> "FileSegmentation":
+        """Built from a DataConfig; `split` is "train", "val" or a dataset split name. Datasets
+        with options (e.g. COCO-Stuff 10k's 171/182-class setting) override this."""
+        return cls(root=cfg.root, split=split, on_bad_sample=cfg.on_bad_sample)
+
+    # ------------------------------------------------------------------ to implement
+    def list_samples(self) -> list[Sample]:
+        raise NotImplementedError
+
+    def decode_label(self, raw: np.ndarray, sample: Sample) -> np.ndarray:
+        return raw
+
+    def read_label(self, sample: Sample) -> np.ndarray:
+        """The raw label array of a sample (override for non-image formats such as `.mat`)."""
+        return read_label_file(sample.label, self.LABEL_BITS)
+
+    # ------------------------------------------------------------------ protocol
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        if self.on_bad_sample == "error":
+            return self.load(index)
+        for attempt in range(MAX_CONSECUTIVE_SKIPS):
+            i = (index + attempt) % len(self.samples)
+            try:
+                return self.load(i)
+            except DataError as exc:
+                self.skipped += 1
+                warnings.warn(f"skipping a bad sample ({self.skipped} skipped so far in this process): {exc}", stacklevel=2)
+        raise DataError(
+            f"{self.NAME}: {MAX_CONSECUTIVE_SKIPS} bad samples in a row from index {index}; "
+            "the dataset is badly damaged, run `scaleseg check-data` on the config to list every problem"
+        )
+
+    def load(self, index: int) -> dict:
+        """Read, decode and check sample `index` (raises DataError naming the file)."""
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        label = np.asarray(self.decode_label(self.read_label(sample), sample), dtype=np.int64)
+        if label.shape != image.shape[:2]:
+            raise DataError(
+                f"image {str(sample.image)!r} is {image.shape[1]}x{image.shape[0]} but its label "
+                f"{str(sample.label)!r} is {label.shape[1]}x{label.shape[0]} (width x height); "
+                "they must be the same size"
+            )
+        self.check_values(label, sample)
+        return {"image": image, "label": label, "name": sample.name}
+
+    def check_values(self, label: np.ndarray, sample: Sample) -> None:
+        bad = ((label < 0) | (label >= self.num_classes)) & (label != self.ignore_index)
+        if bad.any():
+            values = np.unique(label[bad])
+            shown = ", ".join(str(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
+            raise DataError(
+                f"label {str(sample.label)!r} has {int(bad.sum())} pixels with values that are neither a "
+                f"class (0..{self.num_classes - 1} after decoding) nor ignore ({self.ignore_index}): {shown}. "
+                f"Check that data.dataset ({self.NAME}) matches the files"
+            )
+
+    def _drop_missing(self, samples: list[Sample]) -> list[Sample]:
+        missing = [(s, p) for s in samples for p in (s.image, s.label) if not p.is_file()]
+        if not missing:
+            return samples
+        shown = "; ".join(str(p) for _, p in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        if self.on_bad_sample == "error":
+            raise DataError(
+                f"{self.NAME} split {self.split!r}: {len(missing)} listed files do not exist: {shown}. "
+                "Restore them, or set data.on_bad_sample=skip to train without those samples"
+            )
+        bad = {s for s, _ in missing}
+        kept = [s for s in samples if s not in bad]
+        warnings.warn(
+            f"{self.NAME} split {self.split!r}: skipping {len(bad)} of {len(samples)} samples whose files are missing: {shown}",
+            stacklevel=3,
+        )
+        if not kept:
+            raise DataError(f"{self.NAME} split {self.split!r}: every sample has a missing file: {shown}")
+        return kept
