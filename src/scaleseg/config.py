@@ -168,6 +168,7 @@ class EmbeddingConfig:
     search_budget_mb: int = 256  # memory bound of the nearest-class search and the exact loss tiles
     embedding_momentum: float = 0.95  # the class table's own optimizer group (ESS supplementary A)
     embedding_poly_power: float = 0.95
+    embedding_lr_mult: float = 1.0  # the class table's LR as a multiple of optim.lr
 
     def validate(self, key: str) -> None:
         _positive(self.embed_dim, f"{key}.embed_dim")
@@ -178,6 +179,8 @@ class EmbeddingConfig:
             raise ConfigError(f"{key}.margin and {key}.margin_weight must be >= 0")
         _positive(self.search_budget_mb, f"{key}.search_budget_mb")
         _in_range(self.embedding_momentum, 0.0, 1.0, f"{key}.embedding_momentum", high_open=True)
+        if self.embedding_lr_mult <= 0:
+            raise ConfigError(f"{key}.embedding_lr_mult = {self.embedding_lr_mult}: must be > 0")
         if self.embedding_poly_power < 0:
             raise ConfigError(f"{key}.embedding_poly_power = {self.embedding_poly_power}: must be >= 0")
 

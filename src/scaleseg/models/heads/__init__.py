@@ -30,6 +30,7 @@ def build_scorer(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_ind
         search_backend=e.search_backend,
         embedding_momentum=e.embedding_momentum,
         embedding_poly_power=e.embedding_poly_power,
+        embedding_lr_mult=e.embedding_lr_mult,
     )
 
 

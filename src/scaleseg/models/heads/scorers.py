@@ -79,6 +79,7 @@ class EmbeddingScorer(nn.Module):
         search_backend: str = "torch",
         embedding_momentum: float = 0.95,
         embedding_poly_power: float = 0.95,
+        embedding_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -86,7 +87,7 @@ class EmbeddingScorer(nn.Module):
         self.k, self.tau, self.margin, self.margin_weight = num_neighbours, temperature, margin, margin_weight
         self.negatives, self.distance, self.loss_kind, self.normalize = negatives, distance, loss, normalize
         self.search = {"budget_bytes": search_budget_bytes, "backend": search_backend}
-        self.embedding_group = {"momentum": embedding_momentum, "poly_power": embedding_poly_power}
+        self.embedding_group = {"momentum": embedding_momentum, "poly_power": embedding_poly_power, "lr_mult": embedding_lr_mult}
         self.embed = nn.Conv2d(in_channels, embed_dim, kernel_size=1)  # pixel embeddings, with bias as published
         self.class_embeddings = nn.Parameter(torch.empty(num_classes, embed_dim).uniform_(-1.0, 1.0))  # (C, d)
 
