@@ -46,3 +46,111 @@ def test_bench_memory_rejects_unknown_head_and_bad_override(capsys, tmp_path):
     assert main(["bench", "memory", "--set", "model.head.embeding.loss=full", "--out", str(tmp_path)]) == 2
     assert "model.head.embeding" in capsys.readouterr().err
     assert not (tmp_path / "memory.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# --max-batch: the largest batch whose training step fits a memory budget
+# --------------------------------------------------------------------------------------------
+
+
+def _linear_memory(a, b):
+    """A fake trial: peak = a + b x batch MiB."""
+    return lambda batch: {"status": "ok", "peak_mb": a + b * batch}
+
+
+def test_max_batch_search_matches_the_linear_memory_model():
+    """memory = a + b * batch within budget B -> floor((B - a) / b), capped by the limit, 0 below batch 2."""
+    from types import SimpleNamespace
+
+    from scaleseg.bench.memory import find_max_batch, search_max_batch
+
+    a, b = 300.0, 37.0
+    for limit in (2, 5, 64, 100, 256):
+        for budget_mb in range(300, 300 + 37 * 300, 53):
+            expected = min(int((budget_mb - a) // b), limit)
+            expected = expected if expected >= 2 else 0
+            found, tried = search_max_batch(lambda n: a + b * n <= budget_mb, limit)
+            assert found == expected, (limit, budget_mb)
+            assert len(tried) == len(set(tried)) and max(tried) <= limit
+    args = SimpleNamespace(max_batch=(300 + 37 * 50.5) / 1024, max_batch_limit=256)  # budget fits exactly 50
+    record = find_max_batch("ess-knn", 1000, args, measure_trial=_linear_memory(a, b))
+    assert (record["max_batch"], record["at_limit"]) == (50, False)
+    assert [t["batch"] for t in record["trials"]] == [2, 4, 8, 16, 32, 64, 48, 56, 52, 50, 51]
+    assert [t["fits"] for t in record["trials"]] == [True] * 5 + [False, True, False, False, True, False]
+
+
+def test_max_batch_counts_out_of_memory_trials_as_not_fitting():
+    from types import SimpleNamespace
+
+    from scaleseg.bench.memory import find_max_batch
+
+    def trial(batch):  # runs out of memory above 12, whatever the budget
+        return {"status": "ok", "peak_mb": 10.0} if batch <= 12 else {"status": "oom", "detail": "can't allocate memory"}
+
+    args = SimpleNamespace(max_batch=100.0, max_batch_limit=256)
+    record = find_max_batch("baseline", 19, args, measure_trial=trial)
+    assert record["max_batch"] == 12
+    assert {"batch": 16, "status": "oom", "peak_mb": None, "fits": False, "detail": "can't allocate memory"} in record["trials"]
+    args.max_batch_limit = 8
+    assert find_max_batch("baseline", 19, args, measure_trial=trial)["max_batch"] == 8
+
+
+def test_max_batch_trial_runs_in_its_own_process():
+    """A budget of 0.1 GiB is below the resident size of an interpreter with torch loaded (~300 MiB),
+    so no batch fits: the real trial process measures it and the search stops at batch 2."""
+    from types import SimpleNamespace
+
+    from scaleseg.bench.memory import find_max_batch
+
+    args = SimpleNamespace(backbone="resnet_tiny", batch=64, crop=32, device="cpu", steps=2, loss_resolution="decoder",
+                           set=None, limit_gb=None, max_batch=0.1, max_batch_limit=8)
+    record = find_max_batch("baseline", 10, args)
+    assert (record["head"], record["num_classes"], record["max_batch"]) == ("baseline", 10, 0)
+    [trial] = record["trials"]
+    assert trial["batch"] == 2 and trial["status"] == "ok" and trial["peak_mb"] > 0.1 * 1024 and not trial["fits"]
+
+
+def test_bench_memory_max_batch_outputs(tmp_path, monkeypatch, capsys):
+    """The CLI with a fake per-process measurement (peak = 300 + 37 x batch MiB; 0.5 + 37 x 60 MiB more
+    for ess-knn at C = 1000): JSON, both tables, the two-panel plot and the command line."""
+    from scaleseg.bench import memory
+
+    calls = []
+
+    def fake(head, num_classes, args, limit_gb, batch=None):
+        batch = args.batch if batch is None else batch
+        calls.append((head, num_classes, batch))
+        extra = 0 if (head, num_classes) != ("ess-knn", 1000) else 37 * 60
+        return {"head": head, "num_classes": num_classes, "status": "ok", "peak_mb": 300.0 + extra + 37 * batch,
+                "step_mb": 37.0 * batch}
+
+    monkeypatch.setattr(memory, "run_one_subprocess", fake)
+    out = tmp_path / "mem"
+    budget_gb = (300 + 37 * 100.5) / 1024  # batch 100 fits, 101 does not
+    assert main(["bench", "memory", "--classes", "19,1000", "--heads", "baseline,ess-knn", "--max-batch",
+                 str(budget_gb), "--max-batch-limit", "64", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "memory.json").read_text())
+    got = {(r["head"], r["num_classes"]): (r["max_batch"], r["at_limit"]) for r in report["max_batch"]}
+    assert got == {("baseline", 19): (64, True), ("baseline", 1000): (64, True), ("ess-knn", 19): (64, True),
+                   ("ess-knn", 1000): (40, False)}
+    assert ("ess-knn", 1000, 2) in calls and len(report["results"]) == 4
+    assert report["settings"]["max_batch_limit"] == 64
+    assert f"--max-batch {budget_gb:g} --max-batch-limit 64" in report["settings"]["command"]
+    md = (out / "memory.md").read_text()
+    assert md.startswith("| head | C = 19 | C = 1,000 |") and f"fits {budget_gb:g} GiB" in md
+    assert md.rstrip().splitlines()[-2:] == ["| baseline | >= 64 | >= 64 |", "| ess-knn | >= 64 | 40 |"]
+    assert "| ess-knn | >= 64 | 40 |" in capsys.readouterr().out
+    assert (out / "memory.png").stat().st_size > 0
+
+
+def test_max_batch_table_and_bad_budget(tmp_path, capsys):
+    from scaleseg.bench.memory import format_max_batch_table
+
+    records = [{"head": "ess-knn", "num_classes": 19, "max_batch": 256, "at_limit": True},
+               {"head": "ess-knn", "num_classes": 20000, "max_batch": 37, "at_limit": False}]
+    assert format_max_batch_table(records, ["ess-knn"], [19, 20000]).splitlines()[-1] == "| ess-knn | >= 256 | 37 |"
+    assert main(["bench", "memory", "--max-batch", "0", "--out", str(tmp_path)]) == 2
+    assert "--max-batch 0: the memory budget must be > 0" in capsys.readouterr().err
+    assert main(["bench", "memory", "--max-batch", "4", "--max-batch-limit", "1", "--out", str(tmp_path)]) == 2
+    assert "--max-batch-limit 1: must be >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "memory.json").exists()

@@ -207,6 +207,62 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def cmd_bench_accuracy(args: argparse.Namespace) -> int:
+    from scaleseg.bench import accuracy
+
+    if args.list_variants:
+        print(accuracy.list_variants())
+        return 0
+    args.variants = accuracy.parse_names(args.variants)
+    args.classes = accuracy.parse_ints(args.classes, "--classes", 2)
+    args.seeds = accuracy.parse_ints(args.seeds, "--seeds", 0)
+    if args.iters is not None and args.iters < 1:
+        raise ScalesegError(f"--iters {args.iters}: must be >= 1")
+    records = accuracy.run_benchmark(args)
+    print(accuracy.format_table(accuracy.aggregate(records, args.variants, args.classes), args.variants, args.classes))
+    failed = [r for r in records if r["status"] != "ok"]
+    for r in failed:
+        print(f"failed: {r['variant']} C = {r['num_classes']} seed {r['seed']}: {r['error']}")
+    print(f"wrote {Path(args.out) / 'accuracy.json'}, accuracy.md and accuracy.png")
+    return 1 if failed else 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """The ESS supplementary's embedding figures (section D) and per-class IoU plots of a trained run."""
+    import shlex
+
+    from scaleseg.analysis import analyze, format_summary
+
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ScalesegError(f"unexpected argument {bad[0]!r}: give one work dir or checkpoint, then key=value overrides")
+    summary = analyze(
+        args.target, args.overrides, out=args.out, images=args.images, clusters=args.clusters, compare=args.compare,
+        leaves=args.leaves, top_classes=args.top_classes, frequency_split=args.frequency_split,
+        frequency_images=args.frequency_images, progress=not args.no_progress,
+        command=" ".join(shlex.quote(str(a)) for a in [
+            "scaleseg", "analyze", args.target, *args.overrides, *(["--out", args.out] if args.out else []),
+            "--images", args.images, *(["--clusters", args.clusters] if args.clusters else []),
+            *(["--compare", args.compare] if args.compare else []), "--leaves", args.leaves,
+            "--top-classes", args.top_classes, "--frequency-split", args.frequency_split,
+            "--frequency-images", args.frequency_images]),
+    )
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from scaleseg.bench import speed
+
+    args.classes = speed.parse_classes(args.classes)
+    args.heads = [h for h in args.heads.split(",") if h]
+    speed.check_args(args)
+    report = speed.run_benchmark(args)
+    print(speed.format_markdown(report))
+    print(f"wrote {Path(args.out) / 'speed.json'}, speed.md and speed.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,9 +321,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU: address-space limit per process, so running out of memory is an error, not the OOM killer")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="extra config override for every configuration (repeatable), e.g. model.head.embedding.search_budget_mb=64")
+    p.add_argument("--max-batch", type=float, default=None, metavar="BUDGET_GB",
+                   help="also find, per (head, C), the largest batch whose training step peaks within BUDGET_GB GiB "
+                        "(doubling, then bisection; one process per trial)")
+    p.add_argument("--max-batch-limit", type=int, default=256, metavar="N",
+                   help="largest batch the --max-batch search tries (default 256)")
     p.add_argument("--out", default="bench_results/memory")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_memory)
+
+    from scaleseg.bench.accuracy import VARIANTS as accuracy_variants
+
+    p = bench.add_parser("accuracy", help="mIoU of the head variants (ESS ablations) after the same short training")
+    p.add_argument("--variants", default=",".join(accuracy_variants), metavar="V,V,...",
+                   help="comma-separated, from: " + ", ".join(accuracy_variants) + " (default all)")
+    p.add_argument("--classes", default="150,1000", metavar="C,C,...", help="class counts (default 150,1000)")
+    p.add_argument("--seeds", default="0", metavar="S,S,...", help="training seeds (default 0)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations per run (default 300)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="extra config override for every run (repeatable, applied last), e.g. train.device=cuda")
+    p.add_argument("--list-variants", action="store_true", help="print every variant's overrides and exit")
+    p.add_argument("--out", default="bench_results/accuracy")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench_accuracy)
+
+    p = sub.add_parser("analyze", help="embedding figures of a trained ESS run (ESS supp. section D), per-class IoU")
+    p.add_argument("target", help="a work dir (best.pth, else the last checkpoint) or a checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=... train.device=cpu")
+    p.add_argument("--out", help="output folder (default: <work dir>/analysis)")
+    p.add_argument("--images", type=int, default=4, help="val images for the pixel-embedding figures (default 4)")
+    p.add_argument("--clusters", type=int, default=None, help="k-means clusters (default round(sqrt(C)))")
+    p.add_argument("--compare", metavar="OTHER_WORK_DIR", help="another run for the per-class IoU plots")
+    p.add_argument("--leaves", type=int, default=60, help="dendrogram leaves; more classes: the top of the tree")
+    p.add_argument("--top-classes", type=int, default=0, help="dendrogram of the N most frequent classes (0: all)")
+    p.add_argument("--frequency-split", default="train", choices=["train", "val"], help="split whose labels are counted")
+    p.add_argument("--frequency-images", type=int, default=1000, help="images counted, spread evenly (0: all)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_analyze)
+
+    p = bench.add_parser("speed", help="training-step and inference time vs number of classes, with a breakdown")
+    p.add_argument("--classes", default="19,1284,20000", metavar="C,C,...", help="class counts (default 19,1284,20000)")
+    p.add_argument("--heads", default="baseline,ess-knn,ess-full", metavar="H,H,...", help="baseline, ess-knn, ess-full")
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--loss-resolution", default="full", choices=["full", "decoder"])
+    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions; median and min/max reported (default 5)")
+    p.add_argument("--knn-pixels", type=int, default=2 * 256 * 256 // 16,
+                   help="queries of the torch-vs-FAISS search comparison (default 8192; 0 skips it)")
+    p.add_argument("--limit-gb", type=float, default=None,
+                   help="CPU: address-space limit per process, so running out of memory is recorded as OOM")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="extra config override for every configuration (repeatable), e.g. model.head.embedding.search_backend=faiss")
+    p.add_argument("--out", default="bench_results/speed")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench_speed)
     return parser
 
 

@@ -10,6 +10,14 @@ loss, backward, optimizer; the first step allocates the momentum buffers) and re
 
 A configuration that runs out of memory (CUDA OOM, a failed CPU allocation under the per-process
 address-space limit, or a process killed by the kernel) is recorded as such, not as a crash.
+
+With `--max-batch BUDGET_GB` it also finds, for each (head, C), the largest batch whose training
+step fits the budget (ESS paper Figure 1 / Table 6): batches 2, 4, 8, ... until one does not fit
+(or `--max-batch-limit` is reached), then bisection between the last fit and the first failure,
+each trial in its own process. A trial fits when it runs without running out of memory and its
+peak (CUDA: `max_memory_allocated`; CPU: the process's peak RSS) is at most the budget. The
+search assumes memory grows with the batch. Batch 1 is never tried: BatchNorm in the ASPP
+image-pooling branch needs 2 images, so a configuration where batch 2 does not fit reports 0.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
+
+from scaleseg.errors import ScalesegError
 
 HEADS = {
     "baseline": ["model.head.scorer=linear"],
@@ -87,9 +98,10 @@ def measure(head: str, num_classes: int, backbone: str, batch: int, crop: int, d
     }
 
 
-def run_one_subprocess(head: str, num_classes: int, args, limit_gb: float | None) -> dict:
-    """Measure one configuration in a fresh interpreter (so peaks do not mix)."""
-    cmd = [sys.executable, "-m", "scaleseg.bench.memory", head, str(num_classes), args.backbone, str(args.batch),
+def run_one_subprocess(head: str, num_classes: int, args, limit_gb: float | None, batch: int | None = None) -> dict:
+    """Measure one configuration in a fresh interpreter (so peaks do not mix); `batch` defaults to args.batch."""
+    batch = args.batch if batch is None else batch
+    cmd = [sys.executable, "-m", "scaleseg.bench.memory", head, str(num_classes), args.backbone, str(batch),
            str(args.crop), args.device, str(args.steps), args.loss_resolution, str(limit_gb or 0), *(args.set or [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     record = {"head": head, "num_classes": num_classes}
@@ -102,15 +114,89 @@ def run_one_subprocess(head: str, num_classes: int, args, limit_gb: float | None
     return {**record, "status": "error", "detail": tail[:300]}
 
 
+MIN_BATCH = 2  # BatchNorm in the ASPP image-pooling branch needs two images
+
+
+def search_max_batch(fits: Callable[[int], bool], limit: int) -> tuple[int, list[int]]:
+    """The largest batch b in [2, limit] with fits(b), assuming fits is monotone (true up to some
+    batch, false above): doubling from 2, then bisection. Returns (max batch or 0 when batch 2
+    does not fit, the batches tried in order)."""
+    if limit < MIN_BATCH:
+        raise ScalesegError(f"--max-batch-limit {limit}: must be >= {MIN_BATCH}")
+    tried: list[int] = []
+
+    def trial(batch: int) -> bool:
+        tried.append(batch)
+        return fits(batch)
+
+    fit, fail, batch = 0, None, MIN_BATCH  # fit: largest known to fit; fail: smallest known not to
+    while fail is None:
+        if trial(batch):
+            fit = batch
+            if batch == limit:
+                return fit, tried
+            batch = min(2 * batch, limit)
+        else:
+            fail = batch
+    while fail - fit > 1 and fit > 0:
+        mid = (fit + fail) // 2
+        if trial(mid):
+            fit = mid
+        else:
+            fail = mid
+    return fit, tried
+
+
+def trial_fits(record: dict, budget_gb: float) -> bool:
+    """A trial fits when it ran (no OOM, not killed) and its peak is within the budget."""
+    return record["status"] == "ok" and record["peak_mb"] <= budget_gb * 1024
+
+
+def find_max_batch(head: str, num_classes: int, args, measure_trial: Callable[[int], dict] | None = None) -> dict:
+    """The max-batch record of one (head, C). `measure_trial(batch) -> record` defaults to a fresh
+    process per batch (run_one_subprocess, under --limit-gb when given)."""
+    if measure_trial is None:
+        def measure_trial(batch: int) -> dict:
+            return run_one_subprocess(head, num_classes, args, args.limit_gb, batch=batch)
+
+    trials = []
+
+    def fits(batch: int) -> bool:
+        record = measure_trial(batch)
+        ok = trial_fits(record, args.max_batch)
+        trials.append({"batch": batch, "status": record["status"], "peak_mb": record.get("peak_mb"), "fits": ok,
+                       **({"detail": record["detail"]} if "detail" in record else {})})
+        return ok
+
+    best, _ = search_max_batch(fits, args.max_batch_limit)
+    return {"head": head, "num_classes": num_classes, "max_batch": best,
+            "at_limit": best == args.max_batch_limit, "trials": trials}
+
+
+def _check_max_batch_args(args) -> None:
+    budget, limit = getattr(args, "max_batch", None), getattr(args, "max_batch_limit", 256)
+    if budget is not None and budget <= 0:
+        raise ScalesegError(f"--max-batch {budget:g}: the memory budget must be > 0 GiB")
+    if limit is not None and limit < MIN_BATCH:
+        raise ScalesegError(f"--max-batch-limit {limit}: must be >= {MIN_BATCH} (BatchNorm needs two images)")
+
+
 def run_benchmark(args) -> list[dict]:
     """All (head, C) pairs, one process each, with a progress bar; writes memory.json, memory.md
-    and memory.png into args.out and returns the records."""
+    and memory.png into args.out and returns the records. With args.max_batch (GiB) it also searches
+    the largest batch that fits for each pair (see search_max_batch) and adds it to all three outputs."""
     from tqdm import tqdm
 
+    _check_max_batch_args(args)
+    budget = getattr(args, "max_batch", None)
     pairs = [(h, c) for h in args.heads for c in args.classes]
-    records = []
+    records, max_batches = [], []
     for head, num_classes in tqdm(pairs, desc="bench memory", unit="config", disable=args.no_progress):
         records.append(run_one_subprocess(head, num_classes, args, args.limit_gb))
+    if budget is not None:
+        for head, num_classes in tqdm(pairs, desc=f"max batch in {budget:g} GiB", unit="config",
+                                      disable=args.no_progress):
+            max_batches.append(find_max_batch(head, num_classes, args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from scaleseg.engine.runtime import select_device
@@ -121,10 +207,18 @@ def run_benchmark(args) -> list[dict]:
         "overrides": list(args.set or []),
         "command": command_line(args),
     }
-    (out / "memory.json").write_text(json.dumps({"settings": meta, "results": records}, indent=2) + "\n")
+    report = {"settings": meta, "results": records}
     table = format_table(records, args.heads, args.classes)
+    if budget is not None:
+        meta.update(max_batch_budget_gb=budget, max_batch_limit=args.max_batch_limit)
+        report["max_batch"] = max_batches
+        max_table = format_max_batch_table(max_batches, args.heads, args.classes)
+        table += (f"\n\nLargest batch whose training step fits {budget:g} GiB "
+                  f"(search limit {args.max_batch_limit}; '>= N': the limit fits):\n\n" + max_table)
+        print(max_table)
+    (out / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "memory.md").write_text(table + "\n")
-    plot(records, args.heads, out / "memory.png", meta)
+    plot(records, args.heads, out / "memory.png", meta, max_batches)
     return records
 
 
@@ -135,6 +229,8 @@ def command_line(args) -> str:
              "--steps", str(args.steps), "--loss-resolution", args.loss_resolution]
     if args.limit_gb:
         parts += ["--limit-gb", f"{args.limit_gb:g}"]
+    if getattr(args, "max_batch", None) is not None:
+        parts += ["--max-batch", f"{args.max_batch:g}", "--max-batch-limit", str(args.max_batch_limit)]
     for override in args.set or []:
         parts += ["--set", override]
     return " ".join(parts + ["--out", str(args.out)])
@@ -155,13 +251,41 @@ def format_table(records: list[dict], heads: list[str], classes: list[int]) -> s
     return "\n".join(lines)
 
 
-def plot(records: list[dict], heads: list[str], path: Path, meta: dict) -> None:
+def _max_batch_cell(record: dict) -> str:
+    if record["max_batch"] == 0:
+        return "none"  # batch 2 does not fit
+    return (">= " if record["at_limit"] else "") + str(record["max_batch"])
+
+
+def format_max_batch_table(records: list[dict], heads: list[str], classes: list[int]) -> str:
+    """Markdown: rows = heads, columns = C; cells the largest batch that fits ('>= N' at the search
+    limit, 'none' when batch 2 does not fit)."""
+    by = {(r["head"], r["num_classes"]): r for r in records}
+    lines = ["| head | " + " | ".join(f"C = {c:,}" for c in classes) + " |", "| --- |" + " --- |" * len(classes)]
+    for h in heads:
+        lines.append(f"| {h} | " + " | ".join(_max_batch_cell(by[(h, c)]) for c in classes) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], heads: list[str], path: Path, meta: dict, max_batches: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if max_batches:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+        for h in heads:
+            rows = sorted((r for r in max_batches if r["head"] == h), key=lambda r: r["num_classes"])
+            ax2.plot([r["num_classes"] for r in rows], [r["max_batch"] for r in rows], marker="o", label=h)
+        ax2.axhline(meta["max_batch_limit"], color="grey", linestyle="--", linewidth=1, label="search limit")
+        ax2.set_xscale("log")
+        ax2.set(xlabel="number of classes C", ylabel="largest batch that fits (0: none)",
+                title=f"max batch in {meta['max_batch_budget_gb']:g} GiB (search limit {meta['max_batch_limit']})")
+        ax2.grid(alpha=0.3, which="both")
+        ax2.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
     for h in heads:
         ok = [r for r in records if r["head"] == h and r["status"] == "ok"]
         failed = [r for r in records if r["head"] == h and r["status"] != "ok"]

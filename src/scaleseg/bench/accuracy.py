@@ -1,0 +1,273 @@
+"""Accuracy of the head variants (ESS paper Table 3's ablations) after the same short training.
+
+Every (variant, C, seed) is one ordinary training run (`scaleseg.engine.trainer.Trainer`) on the
+built-in `synthetic` dataset, in its own work dir under `--out`, one after another. A variant is
+a list of dotted config overrides (VARIANTS below); all runs share SETTINGS, then the variant's
+overrides, then `data.num_classes`, `train.seed`, `--iters` and `--set` (last wins).
+
+The ESS variants use the ESS settings of configs/synthetic/ess.yaml (d 32, k 7, tau 0.02, class
+table at 30x the base LR, 100 warm-up iterations, gradient clipping at 5; a test keeps the two in
+step) and the baseline the same warm-up and clipping, so each comparison is at the same settings.
+
+Outputs in `--out`: accuracy.json (every run's record, the settings, the reproducing command),
+accuracy.md (mIoU table: rows variants, columns C, cells mean (min..max) over seeds; then every
+metric) and accuracy.png (mIoU per variant grouped by C). A run that fails is recorded with its
+error and the benchmark goes on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scaleseg.errors import ScalesegError
+
+METRICS = ("mIoU", "aAcc", "mAcc", "fwIoU")
+
+# Warm-up and clipping of configs/synthetic/ess.yaml, for every variant (the baseline included).
+_STABILISE = ["optim.warmup_iters=100", "optim.clip_grad_norm=5.0"]
+# The rest of configs/synthetic/ess.yaml: the embedding scorer with d 32, k 7, tau 0.02, table LR x30.
+_ESS = [
+    "model.head.scorer=embedding",
+    "model.head.embedding.embed_dim=32",
+    "model.head.embedding.num_neighbours=7",
+    "model.head.embedding.temperature=0.02",
+    "model.head.embedding.embedding_lr_mult=30",
+]
+_ESS_KNN = [*_STABILISE, *_ESS, "model.head.embedding.loss=knn"]
+
+# name -> (what it is, config overrides)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "baseline": ("linear scorer (C-channel 1x1 conv), softmax cross-entropy", [*_STABILISE, "model.head.scorer=linear"]),
+    "ess-knn": ("ESS: embedding scorer, kNN cross-entropy over the k nearest negatives (Eq. 6) + margin (Eq. 7)",
+                _ESS_KNN),
+    "ess-full": ("ESS with the exact cross-entropy over all C classes instead of the kNN approximation",
+                 [*_STABILISE, *_ESS, "model.head.embedding.loss=full"]),
+    "ess-random": ("ESS kNN loss with k random negatives instead of the nearest ones",
+                   [*_ESS_KNN, "model.head.embedding.negatives=random"]),
+    "ess-nonorm": ("ESS kNN loss without L2-normalising pixel and class embeddings",
+                   [*_ESS_KNN, "model.head.embedding.normalize=false"]),
+    "ess-nomargin": ("ESS kNN loss without the max-margin regulariser (margin_weight 0)",
+                     [*_ESS_KNN, "model.head.embedding.margin_weight=0"]),
+}
+DEFAULT_VARIANTS = tuple(VARIANTS)
+DEFAULT_CLASSES = (150, 1000)
+DEFAULT_SEEDS = (0,)
+DEFAULT_ITERS = 300
+# Shared by every run: the default run's data, model and optimiser (tiny ResNet from scratch, batch 8,
+# 128x128 crops of 160x160 images, 100 val images), shortened to DEFAULT_ITERS with one evaluation at the
+# end and one checkpoint; no per-run progress bar (the benchmark has its own).
+SETTINGS = [
+    "data.dataset=synthetic",
+    f"train.iters={DEFAULT_ITERS}",
+    "train.eval_interval=0",
+    "train.checkpoint_interval=1000000",  # only the final checkpoint
+    "train.keep_checkpoints=1",
+    "train.log_interval=100",
+    "train.progress=false",
+]
+
+
+def list_variants() -> str:
+    """One line per variant: name, description, overrides (for --list-variants)."""
+    width = max(map(len, VARIANTS))
+    lines = []
+    for name, (text, overrides) in VARIANTS.items():
+        lines.append(f"{name:<{width}}  {text}")
+        lines.append(f"{'':<{width}}    {' '.join(overrides)}")
+    lines.append(f"every run also: {' '.join(SETTINGS)}")
+    return "\n".join(lines)
+
+
+def parse_names(text: str, option: str = "--variants") -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ScalesegError(f"{option} {text!r} names no variant; e.g. {option} baseline,ess-knn")
+    for n in names:
+        if n not in VARIANTS:
+            raise ScalesegError(f"unknown variant {n!r} for {option}; choose from {', '.join(VARIANTS)} "
+                                "(--list-variants shows what each one sets)")
+    return list(dict.fromkeys(names))
+
+
+def parse_ints(text: str, option: str, minimum: int) -> list[int]:
+    """'150,1000' -> [150, 1000], or a ScalesegError naming the option and the bad item."""
+    values = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = int(item)
+        except ValueError:
+            raise ScalesegError(f"{option} {text!r}: {item!r} is not an integer; give a comma-separated list, "
+                                f"e.g. {option} 150,1000") from None
+        if value < minimum:
+            raise ScalesegError(f"{option} {text!r}: {value} is below {minimum}")
+        values.append(value)
+    if not values:
+        raise ScalesegError(f"{option} {text!r}: the list is empty")
+    return list(dict.fromkeys(values))
+
+
+def run_overrides(variant: str, num_classes: int, seed: int, iters: int | None = None,
+                  extra: list[str] = ()) -> list[str]:
+    """The dotted overrides of one run, in the order they apply."""
+    overrides = [*SETTINGS, *VARIANTS[variant][1], f"data.num_classes={num_classes}", f"train.seed={seed}"]
+    if iters is not None:
+        overrides.append(f"train.iters={iters}")
+    return overrides + list(extra)
+
+
+def run_name(variant: str, num_classes: int, seed: int) -> str:
+    return f"{variant}_C{num_classes}_seed{seed}"
+
+
+def build_configs(variants, classes, seeds, iters, extra) -> list[tuple[str, int, int, object]]:
+    """(variant, C, seed, Config) of every run, all validated before any training starts."""
+    from scaleseg.config import load_config
+
+    runs = []
+    for variant in variants:
+        for c in classes:
+            for seed in seeds:
+                try:
+                    cfg = load_config(None, run_overrides(variant, c, seed, iters, extra))
+                except ScalesegError as exc:
+                    raise type(exc)(f"variant {variant}, C = {c}: {exc}") from None
+                runs.append((variant, c, seed, cfg))
+    return runs
+
+
+def train_one(cfg, work_dir: Path) -> dict:
+    """One training run; returns its final evaluation summary (percent). Replaceable in tests."""
+    from scaleseg.engine.trainer import Trainer
+
+    return Trainer(cfg, work_dir=work_dir, resume=False).run()
+
+
+def run_benchmark(args, train=train_one) -> list[dict]:
+    """All runs in sequence under one progress bar; writes accuracy.json/.md/.png into args.out."""
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    runs = build_configs(args.variants, args.classes, args.seeds, args.iters, list(args.set or []))
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    bar = tqdm(runs, desc="bench accuracy", unit="run", disable=args.no_progress, dynamic_ncols=True)
+    for variant, c, seed, cfg in bar:
+        name = run_name(variant, c, seed)
+        bar.set_postfix_str(name)
+        work_dir = out / name
+        cfg.work_dir = str(work_dir)
+        record = {"variant": variant, "num_classes": c, "seed": seed, "work_dir": str(work_dir)}
+        try:
+            metrics = train(cfg, work_dir)
+            final = work_dir / "eval" / f"iter_{cfg.train.iters:06d}" / "metrics.json"
+            record.update(status="ok", **{k: metrics.get(k) for k in METRICS}, metrics_file=str(final))
+        except Exception as exc:  # noqa: BLE001 - a failed run is a result, not the end of the benchmark
+            record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+        records.append(record)
+    settings = {
+        "variants": {v: VARIANTS[v][1] for v in args.variants}, "classes": list(args.classes),
+        "seeds": list(args.seeds), "iters": args.iters or DEFAULT_ITERS, "shared_overrides": SETTINGS,
+        "extra_overrides": list(args.set or []), "command": command_line(args),
+    }
+    summary = aggregate(records, args.variants, args.classes)
+    (out / "accuracy.json").write_text(
+        json.dumps({"settings": settings, "summary": summary, "records": records}, indent=2) + "\n")
+    (out / "accuracy.md").write_text(format_report(summary, args.variants, args.classes, settings) + "\n")
+    plot(summary, args.variants, args.classes, out / "accuracy.png", settings)
+    return records
+
+
+def aggregate(records: list[dict], variants, classes) -> list[dict]:
+    """Per (variant, C): mean, min and max over the seeds that finished, for every metric."""
+    rows = []
+    for v in variants:
+        for c in classes:
+            runs = [r for r in records if r["variant"] == v and r["num_classes"] == c]
+            ok = [r for r in runs if r["status"] == "ok"]
+            row = {"variant": v, "num_classes": c, "runs": len(runs), "ok": len(ok)}
+            for k in METRICS:
+                values = [r[k] for r in ok if r.get(k) is not None]
+                row[k] = ({"mean": round(sum(values) / len(values), 2), "min": min(values), "max": max(values)}
+                          if values else None)
+            rows.append(row)
+    return rows
+
+
+def _cell(row: dict, metric: str = "mIoU") -> str:
+    stats = row[metric]
+    if stats is None:
+        return "ERROR" if row["runs"] else "-"
+    text = f"{stats['mean']:.2f}"
+    if row["ok"] > 1:
+        text += f" ({stats['min']:.2f}..{stats['max']:.2f})"
+    if row["ok"] < row["runs"]:
+        text += f" [{row['runs'] - row['ok']} failed]"
+    return text
+
+
+def format_table(summary: list[dict], variants, classes) -> str:
+    """Markdown: rows = variants, columns = C; cells mIoU mean (min..max over seeds), ERROR if no run finished."""
+    by = {(r["variant"], r["num_classes"]): r for r in summary}
+    lines = ["| variant | " + " | ".join(f"C = {c:,}" for c in classes) + " |", "| --- |" + " --- |" * len(classes)]
+    for v in variants:
+        lines.append(f"| {v} | " + " | ".join(_cell(by[(v, c)]) for c in classes) + " |")
+    return "\n".join(lines)
+
+
+def format_report(summary: list[dict], variants, classes, settings: dict) -> str:
+    seeds = settings["seeds"]
+    lines = [format_table(summary, variants, classes), "",
+             f"mIoU (%) after {settings['iters']} iterations, mean over seeds {','.join(map(str, seeds))}"
+             + (" (min..max)" if len(seeds) > 1 else "") + ". All metrics:", "",
+             "| variant | C | " + " | ".join(METRICS) + " | runs ok |", "| --- | --- |" + " --- |" * (len(METRICS) + 1)]
+    for row in summary:
+        lines.append(f"| {row['variant']} | {row['num_classes']:,} | "
+                     + " | ".join(_cell(row, k) for k in METRICS) + f" | {row['ok']}/{row['runs']} |")
+    lines += ["", f"Command: `{settings['command']}`"]
+    return "\n".join(lines)
+
+
+def command_line(args) -> str:
+    """The `scaleseg bench accuracy` command that reproduces this run (recorded in accuracy.json)."""
+    parts = ["scaleseg bench accuracy", "--variants", ",".join(args.variants), "--classes",
+             ",".join(map(str, args.classes)), "--seeds", ",".join(map(str, args.seeds))]
+    if args.iters is not None:
+        parts += ["--iters", str(args.iters)]
+    for override in args.set or []:
+        parts += ["--set", override]
+    return " ".join(parts + ["--out", str(args.out)])
+
+
+def plot(summary: list[dict], variants, classes, path: Path, settings: dict) -> None:
+    """Grouped bars: one group per C, one bar per variant (mean mIoU, whiskers min..max over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {(r["variant"], r["num_classes"]): r for r in summary}
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.5 * len(variants) * len(classes)), 4.5))
+    for i, v in enumerate(variants):
+        xs, means, low, high = [], [], [], []
+        for j, c in enumerate(classes):
+            stats = by[(v, c)]["mIoU"]
+            if stats is None:
+                continue
+            xs.append(j - 0.4 + width * (i + 0.5))
+            means.append(stats["mean"])
+            low.append(stats["mean"] - stats["min"])
+            high.append(stats["max"] - stats["mean"])
+        ax.bar(xs, means, width=width * 0.9, yerr=[low, high] if len(settings["seeds"]) > 1 else None,
+               capsize=3, label=v)
+    ax.set_xticks(range(len(classes)), [f"C = {c:,}" for c in classes])
+    ax.set(ylabel="mIoU (%)", title=f"synthetic dataset, {settings['iters']} iterations, "
+                                    f"seeds {','.join(map(str, settings['seeds']))}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,118 @@
+"""`scaleseg bench accuracy`: the head variants (ESS Table 3 ablations) trained the same way, one work dir each."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from scaleseg.bench import accuracy
+from scaleseg.cli import main
+from scaleseg.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RUN = ["data.synthetic.image_size=48", "data.train_pipeline.crop_size=32", "data.synthetic.train_length=16",
+            "data.synthetic.val_length=2", "model.decoder.channels=16", "model.decoder.low_level_channels=8",
+            "data.num_workers=0", "data.batch_size=2", "train.deterministic=true"]
+TINY_SET = [arg for item in TINY_RUN for arg in ("--set", item)]
+
+
+def test_bench_accuracy_records_each_runs_own_metrics(tmp_path, capsys):
+    out = tmp_path / "acc"
+    assert main(["bench", "accuracy", "--classes", "10", "--variants", "baseline,ess-knn", "--iters", "2",
+                 *TINY_SET, "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "accuracy.json").read_text())
+    records = report["records"]
+    assert [(r["variant"], r["num_classes"], r["seed"], r["status"]) for r in records] == [
+        ("baseline", 10, 0, "ok"), ("ess-knn", 10, 0, "ok")]
+    for r in records:
+        work_dir = out / f"{r['variant']}_C10_seed0"
+        own = json.loads((work_dir / "eval" / "iter_000002" / "metrics.json").read_text())
+        assert {k: r[k] for k in ("mIoU", "aAcc", "mAcc", "fwIoU")} == {k: own[k] for k in ("mIoU", "aAcc", "mAcc", "fwIoU")}
+        cfg = load_config(work_dir / "config.yaml")  # the run trained what the variant says
+        assert cfg.model.head.scorer == ("linear" if r["variant"] == "baseline" else "embedding")
+        assert (cfg.data.num_classes, cfg.train.iters, cfg.train.seed, cfg.data.synthetic.image_size) == (10, 2, 0, (48, 48))
+        assert (cfg.optim.warmup_iters, cfg.optim.clip_grad_norm) == (100, 5.0)
+    summary = {(s["variant"], s["num_classes"]): s for s in report["summary"]}
+    assert summary[("ess-knn", 10)]["mIoU"]["mean"] == records[1]["mIoU"]
+    assert report["settings"]["command"].startswith(
+        "scaleseg bench accuracy --variants baseline,ess-knn --classes 10 --seeds 0 --iters 2 --set data.synthetic")
+    table = (out / "accuracy.md").read_text().splitlines()
+    assert table[:2] == ["| variant | C = 10 |", "| --- | --- |"]
+    assert table[2] == f"| baseline | {records[0]['mIoU']:.2f} |"
+    assert table[3] == f"| ess-knn | {records[1]['mIoU']:.2f} |"
+    assert (out / "accuracy.png").stat().st_size > 0
+    assert "| ess-knn |" in capsys.readouterr().out
+
+
+def test_aggregate_table_and_failed_runs_recorded(tmp_path):
+    """Fake training: mean (min..max) over seeds; a run that raises is recorded, the others go on."""
+    fake = {("baseline", 0): 10.0, ("baseline", 1): 13.0, ("baseline", 2): 16.0, ("ess-knn", 0): 7.5}
+
+    def train(cfg, work_dir):
+        variant = "baseline" if cfg.model.head.scorer == "linear" else "ess-knn"
+        if (variant, cfg.train.seed) not in fake:
+            raise RuntimeError("diverged")
+        m = fake[(variant, cfg.train.seed)]
+        return {"mIoU": m, "aAcc": 2 * m, "mAcc": m + 1, "fwIoU": m - 1}
+
+    args = SimpleNamespace(variants=["baseline", "ess-knn"], classes=[12], seeds=[0, 1, 2], iters=3, set=None,
+                           out=tmp_path, no_progress=True)
+    records = accuracy.run_benchmark(args, train=train)
+    assert [r["status"] for r in records] == ["ok"] * 4 + ["error"] * 2
+    assert records[4]["error"] == "RuntimeError: diverged"
+    report = json.loads((tmp_path / "accuracy.json").read_text())
+    base = report["summary"][0]
+    assert base["mIoU"] == {"mean": 13.0, "min": 10.0, "max": 16.0} and base["aAcc"]["mean"] == 26.0
+    table = accuracy.format_table(report["summary"], args.variants, args.classes).splitlines()
+    assert table[2:] == ["| baseline | 13.00 (10.00..16.00) |", "| ess-knn | 7.50 [2 failed] |"]
+    all_failed = accuracy.aggregate([{**records[4], "num_classes": 99}], ["ess-knn"], [99])
+    assert accuracy.format_table(all_failed, ["ess-knn"], [99]).splitlines()[-1] == "| ess-knn | ERROR |"
+
+
+def test_variant_overrides_give_the_intended_configs():
+    cfgs = {v: load_config(None, accuracy.run_overrides(v, 150, 3)) for v in accuracy.VARIANTS}
+    assert set(cfgs) == {"baseline", "ess-knn", "ess-full", "ess-random", "ess-nonorm", "ess-nomargin"}
+    ess_file = load_config(REPO / "configs" / "synthetic" / "ess.yaml")
+    for name, cfg in cfgs.items():
+        assert (cfg.data.dataset, cfg.data.num_classes, cfg.train.seed, cfg.train.iters) == ("synthetic", 150, 3, 300)
+        assert cfg.train.progress is False and cfg.train.eval_interval == 0
+        assert cfg.optim == ess_file.optim  # same warm-up and clipping for every variant
+        if name == "baseline":
+            assert cfg.model.head.scorer == "linear"
+            continue
+        e, ref = cfg.model.head.embedding, ess_file.model.head.embedding
+        assert cfg.model.head.scorer == "embedding"
+        changed = {k for k in vars(ref) if getattr(e, k) != getattr(ref, k)}
+        expected = {"ess-knn": set(), "ess-full": {"loss"}, "ess-random": {"negatives"},
+                    "ess-nonorm": {"normalize"}, "ess-nomargin": {"margin_weight"}}[name]
+        assert changed == expected, name
+    assert cfgs["ess-full"].model.head.embedding.loss == "full"
+    assert cfgs["ess-random"].model.head.embedding.negatives == "random"
+    assert cfgs["ess-nonorm"].model.head.embedding.normalize is False
+    assert cfgs["ess-nomargin"].model.head.embedding.margin_weight == 0
+    # --iters and --set apply last
+    cfg = load_config(None, accuracy.run_overrides("ess-knn", 20, 0, iters=7, extra=["model.head.embedding.embed_dim=8"]))
+    assert (cfg.train.iters, cfg.model.head.embedding.embed_dim) == (7, 8)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "baseline,ess-fancy"], "unknown variant 'ess-fancy'"),
+    (["--classes", "10,many"], "--classes '10,many': 'many' is not an integer"),
+    (["--classes", "1"], "--classes '1': 1 is below 2"),
+    (["--seeds", ""], "--seeds '': the list is empty"),
+    (["--classes", "5"], "variant ess-knn, C = 5: model.head.embedding.num_neighbours = 7"),
+    (["--set", "train.iterz=3"], "train.iterz"),
+])
+def test_bench_accuracy_rejects_bad_input(argv, message, tmp_path, capsys):
+    assert main(["bench", "accuracy", *argv, "--out", str(tmp_path / "acc")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "acc").exists()
+
+
+def test_list_variants(capsys):
+    assert main(["bench", "accuracy", "--list-variants"]) == 0
+    text = capsys.readouterr().out
+    for name in accuracy.VARIANTS:
+        assert text.count(f"\n{name} ") + text.startswith(f"{name} ") == 1
+    assert "model.head.embedding.normalize=false" in text
