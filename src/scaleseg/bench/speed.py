@@ -493,22 +493,23 @@ def _phase_cell(phase: dict, part: str = "total") -> str:
     return fmt_stats(phase["parts"][part])
 
 
-def train_table(records: list[dict], heads: list[str], classes: list[int]) -> str:
-    """Rows = heads, columns = C; cells 'median (min–max)' seconds per training step, or OOM/KILLED/ERROR."""
+def _by_c_table(records: list[dict], heads: list[str], classes: list[int], phase: str) -> str:
+    """Rows = heads, columns = C; cells 'median (min–max)' of `phase`'s total, or OOM/KILLED/ERROR."""
     by = {(r["head"], r["num_classes"]): r for r in records}
     lines = ["| head | " + " | ".join(f"C = {c:,}" for c in classes) + " |", "| --- |" + " --- |" * len(classes)]
     for h in heads:
-        lines.append(f"| {h} | " + " | ".join(_phase_cell(by[(h, c)]["train"]) for c in classes) + " |")
+        lines.append(f"| {h} | " + " | ".join(_phase_cell(by[(h, c)][phase]) for c in classes) + " |")
     return "\n".join(lines)
+
+
+def train_table(records: list[dict], heads: list[str], classes: list[int]) -> str:
+    """Seconds per training step, per head and C."""
+    return _by_c_table(records, heads, classes, "train")
 
 
 def inference_table(records: list[dict], heads: list[str], classes: list[int]) -> str:
-    """Rows = heads, columns = C; cells 'median (min–max)' seconds per image (dense + decide)."""
-    by = {(r["head"], r["num_classes"]): r for r in records}
-    lines = ["| head | " + " | ".join(f"C = {c:,}" for c in classes) + " |", "| --- |" + " --- |" * len(classes)]
-    for h in heads:
-        lines.append(f"| {h} | " + " | ".join(_phase_cell(by[(h, c)]["inference"]) for c in classes) + " |")
-    return "\n".join(lines)
+    """Seconds per image (dense + decide), per head and C."""
+    return _by_c_table(records, heads, classes, "inference")
 
 
 def breakdown_table(records: list[dict], heads: list[str], classes: list[int]) -> str:

@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import Dataset, Sampler
+
+from scaleseg.data.io import atomic_write
 
 
 class ResumableSampler(Sampler):
@@ -298,7 +299,9 @@ def _save_class_sets(path: Path, key: str, sets: list[np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in sets], dtype=np.int64)])
     classes = np.concatenate(sets) if sets else np.zeros(0, dtype=np.int64)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, key=np.array(key), classes=classes.astype(np.int64), offsets=offsets)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+            np.savez(f, key=np.array(key), classes=classes.astype(np.int64), offsets=offsets)
+
+    atomic_write(path, write)

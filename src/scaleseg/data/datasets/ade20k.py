@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scaleseg.data.datasets.base import FileSegmentation, Sample, check_root, read_lines
+from scaleseg.data.datasets.base import FileSegmentation, Sample, check_root, format_values, list_pairs, read_lines
 from scaleseg.errors import DataError
 
 # The 150 SceneParsing classes in objectInfo150 order: annotation value k is class k - 1.
@@ -43,16 +43,6 @@ def _reduce_zero_label_lut(num_classes: int, ignore_index: int) -> np.ndarray:
     lut[0] = ignore_index
     lut[1 : num_classes + 1] = np.arange(num_classes)
     return lut
-
-
-def _list_pairs(root: Path, split: str, image_dir: str, label_dir: str) -> list[Sample]:
-    """Every `<image_dir>/<split>/*.jpg`, sorted, with `<label_dir>/<split>/<stem>.png` as its label
-    (a missing label is reported by the base class when the split is listed)."""
-    folder = root / image_dir / split
-    if not folder.is_dir():
-        return []
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() == IMAGE_SUFFIX and p.is_file())
-    return [Sample(p.stem, p, root / label_dir / split / f"{p.stem}{LABEL_SUFFIX}") for p in images]
 
 
 class ADE20K(FileSegmentation):
@@ -87,13 +77,13 @@ class ADE20K(FileSegmentation):
         super().__init__(root, split, on_bad_sample)
 
     def list_samples(self) -> list[Sample]:
-        return _list_pairs(self.root, self.split, "images", "annotations")
+        return list_pairs(self.root / "images" / self.split, self.root / "annotations" / self.split, IMAGE_SUFFIX, LABEL_SUFFIX)
 
     def decode_label(self, raw: np.ndarray, sample: Sample) -> np.ndarray:
         label = self._lut[raw]  # raw is uint8, so every value indexes the (256,) table
         if (label < 0).any():
             values = np.unique(raw[label < 0])
-            shown = ", ".join(str(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
+            shown = format_values(values)
             raise DataError(
                 f"label {str(sample.label)!r} has {int((label < 0).sum())} pixels with values above "
                 f"{len(ADE20K_CLASSES)}: {shown}. ADEChallengeData2016 annotations hold 0 (other) to 150; "
@@ -179,4 +169,4 @@ class ADE20KFull(FileSegmentation):
         super().__init__(root, split, on_bad_sample)
 
     def list_samples(self) -> list[Sample]:
-        return _list_pairs(self.root, self.split, "images", "annotations")
+        return list_pairs(self.root / "images" / self.split, self.root / "annotations" / self.split, IMAGE_SUFFIX, LABEL_SUFFIX)

@@ -85,6 +85,20 @@ def read_label_file(path: str | Path, bits: int) -> np.ndarray:
     return array
 
 
+def format_values(values, limit: int = 10, sep: str = ", ") -> str:
+    """The first `limit` items of `values` for an error message, with " ..." when there are more."""
+    return sep.join(str(v) for v in values[:limit]) + (" ..." if len(values) > limit else "")
+
+
+def list_pairs(image_folder: Path, label_folder: Path, image_suffix: str = ".jpg", label_suffix: str = ".png") -> list[Sample]:
+    """Every `image_folder/*<image_suffix>`, sorted, with `label_folder/<stem><label_suffix>` as its
+    label ([] when the folder does not exist; missing labels are reported when the split is listed)."""
+    if not image_folder.is_dir():
+        return []
+    images = sorted(p for p in image_folder.iterdir() if p.suffix.lower() == image_suffix and p.is_file())
+    return [Sample(p.stem, p, label_folder / f"{p.stem}{label_suffix}") for p in images]
+
+
 def make_palette(num_classes: int, seed: int = 0) -> np.ndarray:
     """(C, 3) uint8 distinct display colours (golden-ratio hues, varied saturation and value)."""
     ids = np.arange(num_classes, dtype=np.float64)
@@ -204,7 +218,7 @@ class FileSegmentation(Dataset):
         bad = ((label < 0) | (label >= self.num_classes)) & (label != self.ignore_index)
         if bad.any():
             values = np.unique(label[bad])
-            shown = ", ".join(str(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
+            shown = format_values(values)
             raise DataError(
                 f"label {str(sample.label)!r} has {int(bad.sum())} pixels with values that are neither a "
                 f"class (0..{self.num_classes - 1} after decoding) nor ignore ({self.ignore_index}): {shown}. "
@@ -215,7 +229,7 @@ class FileSegmentation(Dataset):
         missing = [(s, p) for s in samples for p in (s.image, s.label) if not p.is_file()]
         if not missing:
             return samples
-        shown = "; ".join(str(p) for _, p in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        shown = format_values([p for _, p in missing], limit=5, sep="; ")
         if self.on_bad_sample == "error":
             raise DataError(
                 f"{self.NAME} split {self.split!r}: {len(missing)} listed files do not exist: {shown}. "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scaleseg.data.datasets.base import FileSegmentation, Sample, read_lines
+from scaleseg.data.datasets.base import FileSegmentation, Sample, format_values, list_pairs, read_lines
 from scaleseg.errors import ConfigError, DataError
 
 # COCO-Stuff ids 1..182 in order (index i holds the name of id i + 1); the names of COCO-Stuff's
@@ -73,7 +73,7 @@ def id_to_class_lut(num_classes: int, ignore_index: int = 255) -> np.ndarray:
 
 def _report_bad_values(raw: np.ndarray, bad: np.ndarray, sample: Sample, what: str, dataset: str) -> None:
     values = np.unique(raw[bad])
-    shown = ", ".join(str(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
+    shown = format_values(values)
     raise DataError(
         f"label {str(sample.label)!r} has {int(bad.sum())} pixels with values that are no COCO-Stuff id "
         f"({what}): {shown}. Check that data.dataset ({dataset}) matches the files"
@@ -123,9 +123,7 @@ class COCOStuff164k(FileSegmentation):
                 f"{self.NAME}: image folder {str(folder)!r} does not exist; data.root must hold "
                 f"{self.LAYOUT} (split {self.split!r})"
             )
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".jpg" and p.is_file())
-        labels = self.root / "annotations" / self.split
-        return [Sample(p.stem, p, labels / f"{p.stem}.png") for p in images]
+        return list_pairs(folder, self.root / "annotations" / self.split)
 
     def decode_label(self, raw: np.ndarray, sample: Sample) -> np.ndarray:
         label = self._lut[raw]  # raw is uint8 (LABEL_BITS = 8), so every value indexes the table
