@@ -25,6 +25,10 @@ resnet50        256                 2048
 resnet101       256                 2048
 resnet_tiny     16                  128
 mobilenet_v2    24                  320
+hrnetv2_w18     18                  144
+hrnetv2_w32     32                  256
+hrnetv2_w48     48                  384
+hrnet_tiny      8                   64
 ==============  ==================  ============
 """
 
@@ -38,16 +42,22 @@ from torch import nn
 
 from scaleseg.errors import ConfigError
 
+from .hrnet import HRNet, hrnet_tiny, hrnetv2_w18, hrnetv2_w32, hrnetv2_w48
 from .mobilenetv2 import MobileNetV2, mobilenet_v2
 from .pretrained import LoadReport, load_pretrained
 from .resnet import NormLayer, ResNet, resnet18, resnet34, resnet50, resnet101, resnet_tiny
 
 __all__ = [
     "BACKBONES",
+    "HRNet",
     "LoadReport",
     "MobileNetV2",
     "ResNet",
     "build_backbone",
+    "hrnet_tiny",
+    "hrnetv2_w18",
+    "hrnetv2_w32",
+    "hrnetv2_w48",
     "load_pretrained",
     "mobilenet_v2",
     "resnet18",
@@ -66,6 +76,10 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet101": resnet101,
     "resnet_tiny": resnet_tiny,
     "mobilenet_v2": mobilenet_v2,
+    "hrnetv2_w18": hrnetv2_w18,
+    "hrnetv2_w32": hrnetv2_w32,
+    "hrnetv2_w48": hrnetv2_w48,
+    "hrnet_tiny": hrnet_tiny,
 }
 
 # How many key names a warning shows.

@@ -42,6 +42,16 @@ def set_bn_momentum(module: nn.Module, momentum: float) -> None:
             m.momentum = momentum
 
 
+def init_weights(module: nn.Module) -> None:
+    """torchvision's ResNet init: Kaiming-normal (fan_out, ReLU) convs, norm weight 1 bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     """3x3 convolution without bias; padding = dilation keeps the size at stride 1."""
     return nn.Conv2d(
@@ -183,8 +193,9 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2, dilate=dilate[2])
 
         self.low_level_channels = widths[0] * block.expansion
+        self.stage_channels = tuple(w * block.expansion for w in widths)  # layer1..layer4
         self.out_channels = widths[3] * block.expansion
-        self._init_weights()
+        init_weights(self)
         if bn_momentum is not None:
             set_bn_momentum(self, bn_momentum)
 
@@ -214,15 +225,6 @@ class ResNet(nn.Module):
         for _ in range(1, blocks):
             stage.append(block(out_ch, planes, dilation=self._dilation, norm_layer=norm))
         return nn.Sequential(*stage)
-
-    def _init_weights(self) -> None:
-        """torchvision's init: Kaiming-normal (fan_out, ReLU) convs, norm weight 1 bias 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(low_level, out)`` features for an image batch ``x``."""
