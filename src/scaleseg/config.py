@@ -135,8 +135,12 @@ class DataConfig:
 
 @dataclass
 class DecoderConfig:
-    """DeepLabV3+ decoder (ASPP + low-level skip + 3x3 conv), as in the ESS published code."""
+    """deeplabv3plus: ASPP + low-level skip + 3x3 conv, as in the ESS published code. hrnet_fusion: every
+    backbone stage (strides 4-32) upsampled to stride 4 and concatenated (HRNetV2's representation); with a
+    ResNet, each stage is first reduced by a Conv1x1-BN-ReLU to fusion_channels (Specialize and Fuse, 5.1.2)."""
 
+    type: Literal["deeplabv3plus", "hrnet_fusion"] = "deeplabv3plus"
+    fusion_channels: tuple[int, ...] = (48, 96, 192, 384)  # hrnet_fusion with a ResNet: widths of the 4 stages
     channels: int | None = None  # None: 256 (the published value), 64 for the resnet_tiny backbone
     low_level_channels: int | None = None  # None: 48 (published), 24 for resnet_tiny
     aspp_dilations: tuple[int, ...] | None = None  # None: (6, 12, 18) at output stride 16, doubled at 8
@@ -149,6 +153,8 @@ class DecoderConfig:
         if self.aspp_dilations is not None and (not self.aspp_dilations or min(self.aspp_dilations) < 1):
             raise ConfigError(f"{key}.aspp_dilations = {self.aspp_dilations}: need one or more rates >= 1")
         _in_range(self.dropout, 0.0, 1.0, f"{key}.dropout", high_open=True)
+        if len(self.fusion_channels) != 4 or min(self.fusion_channels) < 1:
+            raise ConfigError(f"{key}.fusion_channels = {list(self.fusion_channels)}: need 4 positive widths")
 
 
 @dataclass
@@ -186,26 +192,68 @@ class EmbeddingConfig:
 
 
 @dataclass
+class PyramidConfig:
+    """Specialize and Fuse (used when model.head.structure is pyramid); defaults are the paper's."""
+
+    strides: tuple[int, ...] = (4, 8, 16, 32)  # output strides of the levels; the finest = the features' stride
+    unity_channels: int = 64  # D_u of the unity head
+    semantic_channels: int = 512  # D_s of the semantic head
+    context: bool = True  # the coarse-to-fine contextual module; false = the "simplest" head of Table 6
+    context_bins: tuple[int, ...] = (1, 3, 6, 8)  # pyramid pooling of the context (Eq. 6)
+    tau: float = 0.9  # unity threshold of the fuse (Eq. 2); >= 1 uses the finest level alone
+    relabel: Literal["done_by_coarser", "simple_fix", "naive"] = "done_by_coarser"  # Table 7's policies
+    relabel_tau: float | None = None  # true-positive threshold of the relabelling; null = tau
+
+    def validate(self, key: str) -> None:
+        from scaleseg.losses.pyramid import check_strides
+
+        try:
+            strides = check_strides(self.strides)
+        except ValueError as e:
+            raise ConfigError(f"{key}.strides = {list(self.strides)}: {e}") from None
+        if len(strides) < 2:
+            raise ConfigError(f"{key}.strides = {list(self.strides)}: a pyramid needs two or more levels")
+        if strides[-1] != 4:
+            raise ConfigError(
+                f"{key}.strides = {list(self.strides)}: the finest level must be at stride 4, the stride of the "
+                "decoder's features"
+            )
+        _positive(self.unity_channels, f"{key}.unity_channels")
+        _positive(self.semantic_channels, f"{key}.semantic_channels")
+        if not self.context_bins or min(self.context_bins) < 1:
+            raise ConfigError(f"{key}.context_bins = {list(self.context_bins)}: need one or more sizes >= 1")
+        for name in ("tau", "relabel_tau"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key}.{name} = {value}: must be > 0 (a probability threshold; >= 1 disables)")
+
+
+@dataclass
 class HeadConfig:
     """How a feature becomes a class: the output structure x the class scorer (DESIGN.md)."""
 
-    structure: Literal["single"] = "single"
+    structure: Literal["single", "pyramid"] = "single"
     scorer: Literal["linear", "embedding"] = "linear"
     # full: scores bilinearly upsampled to the crop (the paper); decoder: labels nearest-downsampled to the
     # stride-4 score grid (16x fewer pixels). The default run uses decoder: the linear scorer's 1000 x H x W
     # upsampled logits cost ~2.4 s of a 2.6 s CPU step at full resolution.
     loss_resolution: Literal["full", "decoder"] = "decoder"
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    pyramid: PyramidConfig = field(default_factory=PyramidConfig)
 
     def validate(self, key: str) -> None:
         self.embedding.validate(f"{key}.embedding")
+        self.pyramid.validate(f"{key}.pyramid")
 
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["resnet_tiny", "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2"] = "resnet_tiny"
+    backbone: Literal[
+        "resnet_tiny", "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2",
+        "hrnet_tiny", "hrnetv2_w18", "hrnetv2_w32", "hrnetv2_w48",
+    ] = "resnet_tiny"
     output_stride: Literal[8, 16, 32] = 16
-    pretrained: str | None = None  # path to a torchvision ImageNet state dict (.pth)
+    pretrained: str | None = None  # ImageNet state dict (.pth): torchvision's, or the official HRNet release
     backbone_bn_momentum: float = 0.01
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -213,12 +261,27 @@ class ModelConfig:
     def validate(self, key: str) -> None:
         if self.pretrained is not None and not Path(self.pretrained).expanduser().is_file():
             raise ConfigError(
-                f"{key}.pretrained = {self.pretrained!r}: no such file. Give the path of a torchvision "
-                "ImageNet state dict (for example resnet50-0676ba61.pth), or null to train from scratch"
+                f"{key}.pretrained = {self.pretrained!r}: no such file. Give the path of an ImageNet state dict "
+                "(torchvision's for ResNet/MobileNetV2, e.g. resnet50-0676ba61.pth; the official HRNet release for "
+                "HRNet, e.g. hrnetv2_w48_imagenet_pretrained.pth), or null to train from scratch"
             )
         _in_range(self.backbone_bn_momentum, 0.0, 1.0, f"{key}.backbone_bn_momentum", low_open=True)
         self.decoder.validate(f"{key}.decoder")
         self.head.validate(f"{key}.head")
+        hrnet = self.backbone.startswith("hrnet")
+        if hrnet and self.decoder.type != "hrnet_fusion":
+            raise ConfigError(
+                f"{key}.backbone = {self.backbone} gives four stages at strides 4-32 and no DeepLab low-level/"
+                f"high-level pair: set {key}.decoder.type: hrnet_fusion"
+            )
+        if self.decoder.type == "hrnet_fusion":
+            if self.backbone == "mobilenet_v2":
+                raise ConfigError(f"{key}.decoder.type = hrnet_fusion supports the ResNet and HRNet backbones, not mobilenet_v2")
+            if self.output_stride != 32:
+                raise ConfigError(
+                    f"{key}.output_stride = {self.output_stride}: the hrnet_fusion decoder takes the standard "
+                    f"(undilated) backbone; set {key}.output_stride: 32"
+                )
 
 
 @dataclass

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -82,6 +83,8 @@ def test_checkpoints_are_tensors_and_plain_types_only(tmp_path, tiny_overrides):
     ["data.num_workers=2", "train.grad_accum=2", "model.decoder.dropout=0.3"],
     ["model.head.scorer=embedding", "model.head.embedding.negatives=random"],
     ["data.repeat_factor_threshold=0.3", "data.train_pipeline.photometric=true"],
+    ["model.head.structure=pyramid", "model.head.pyramid.semantic_channels=16", "model.head.pyramid.unity_channels=8",
+     "model.head.pyramid.tau=0.5"],
 ])
 def test_resume_continues_exactly(tmp_path, tiny_overrides, monkeypatch, extra):
     overrides = tiny_overrides + extra
@@ -209,3 +212,24 @@ def test_gradient_clipping_bounds_the_first_update(tmp_path, tiny_overrides):
     assert 0 < step <= 0.05 * 0.01 * 1.001  # lr x clip
     rows, _ = read_scalars(work)
     assert rows[0]["grad_norm"] > 0.01  # the norm before clipping is logged
+
+
+PYRAMID = ["model.head.structure=pyramid", "model.head.pyramid.semantic_channels=16",
+           "model.head.pyramid.unity_channels=8", "train.iters=12", "train.checkpoint_interval=12"]
+
+
+@pytest.mark.parametrize("scorer", ["linear", "embedding"])
+def test_pyramid_head_trains_and_reports_the_pixels_of_each_level(tmp_path, tiny_overrides, scorer):
+    work = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides + PYRAMID + [f"model.head.scorer={scorer}"])
+    result = Trainer(cfg, work_dir=work).run()
+    rows, val = read_scalars(work)
+    assert {"ce", "unity", "loss"} <= set(rows[0])
+    assert all(math.isfinite(r["loss"]) for r in rows)  # learning itself: test_pyramid.py's fixed-batch test
+    levels = {k: v for k, v in result.items() if k.startswith("level_stride_")}
+    assert set(levels) == {"level_stride_32", "level_stride_16", "level_stride_8", "level_stride_4"}
+    assert sum(levels.values()) == pytest.approx(100.0, abs=0.05)
+    metrics = json.loads((work / "eval" / "iter_000012" / "metrics.json").read_text())
+    assert metrics["level_stride_4"] == levels["level_stride_4"]
+    assert val[-1]["level_stride_32"] == levels["level_stride_32"]
+    assert "pixels decided per pyramid level: stride 32:" in (work / "train.log").read_text()

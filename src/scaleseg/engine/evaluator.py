@@ -33,6 +33,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     metrics = SegmentationMetrics(num_classes, ignore_index)
+    head = getattr(model, "head", None)
+    pyramid = hasattr(head, "level_fractions")
+    if pyramid:
+        head.reset_level_stats()
     try:
         for batch in tqdm(loader, desc="eval", unit="img", disable=not progress, leave=False, dynamic_ncols=True):
             images = batch["image"].to(device, non_blocking=True)
@@ -42,12 +46,21 @@ def evaluate(
             metrics.update(pred, target)
     finally:
         model.train(was_training)
-    return metrics.compute()
+    results = metrics.compute()
+    if pyramid:
+        # Specialize and Fuse (Table 9's split): the fraction of pixels each pyramid level decided, over
+        # every view that inference fused (windows, scales, flips)
+        results["level_fractions"] = head.level_fractions()
+    return results
 
 
 def summary(results: dict) -> dict[str, float]:
-    """The scalar metrics, in percent (rounded to 0.01), for logs and JSON."""
-    return {k: (round(100 * results[k], 2) if not math.isnan(results[k]) else None) for k in SUMMARY_KEYS}
+    """The scalar metrics, in percent (rounded to 0.01), for logs and JSON; with a pyramid head also
+    "level_stride_<s>": the percentage of pixels decided at the level of stride s."""
+    out = {k: (round(100 * results[k], 2) if not math.isnan(results[k]) else None) for k in SUMMARY_KEYS}
+    for k, v in (results.get("level_fractions") or {}).items():
+        out[f"level_{k}"] = round(100 * v, 2)
+    return out
 
 
 def format_table(results: dict, class_names: list[str], show: int = 10) -> str:
@@ -57,6 +70,10 @@ def format_table(results: dict, class_names: list[str], show: int = 10) -> str:
     label_area = results["label_area"]
     present = int((label_area > 0).sum())
     lines.append(f"classes present in the labels: {present} of {len(class_names)}")
+    levels = {k.removeprefix("level_stride_"): v for k, v in s.items() if k.startswith("level_stride_")}
+    if levels:
+        shares = ", ".join(f"stride {k}: {v:.2f}%" for k, v in levels.items())
+        lines.append(f"pixels decided per pyramid level: {shares}")
     if show and present:
         order = np.argsort(-label_area, kind="stable")[: min(show, present)]
         width = max(len(class_names[i]) for i in order)

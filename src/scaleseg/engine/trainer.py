@@ -127,7 +127,7 @@ class Trainer:
         val_loader = build_eval_loader(cfg.data, val_set, meta["ignore_index"])
         n_params = sum(p.numel() for p in model.parameters())
         self.log.info(
-            f"scaleseg {scaleseg.__version__}: DeepLabV3+ {cfg.model.backbone} (output stride {cfg.model.output_stride}), "
+            f"scaleseg {scaleseg.__version__}: {_architecture(cfg.model)}, "
             f"head {cfg.model.head.structure}/{cfg.model.head.scorer}, {n_params / 1e6:.2f}M parameters; "
             f"{meta['num_classes']} classes on {cfg.data.dataset} ({len(train_set)} train / {len(val_set)} val images); "
             f"{tcfg.iters} iterations of batch {cfg.data.batch_size} x {tcfg.grad_accum}; device {device}; "
@@ -348,3 +348,10 @@ class Trainer:
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _architecture(model_cfg) -> str:
+    """A one-line name of the network for the log, e.g. "DeepLabV3+ resnet50 (output stride 16)"."""
+    if model_cfg.decoder.type == "hrnet_fusion":
+        return f"{model_cfg.backbone} with the stride-4 HRNetV2 fusion decoder"
+    return f"DeepLabV3+ {model_cfg.backbone} (output stride {model_cfg.output_stride})"

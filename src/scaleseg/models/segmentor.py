@@ -7,6 +7,7 @@ output structure sits in the head is invisible to it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -18,10 +19,21 @@ class Segmentor(nn.Module):
         self.head = head
         self.backbone_lr_mult = backbone_lr_mult
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images (B, 3, H, W) -> the head's raw outputs (at the decoder's stride)."""
-        low_level, out = self.backbone(images)  # (B, c_low, H/4, W/4), (B, c_out, H/os, W/os)
-        features = self.decoder(low_level, out)  # (B, D, H/4, W/4)
+    def forward(self, images: torch.Tensor) -> dict:
+        """images (B, 3, H, W) -> the head's raw outputs (at the decoder's stride).
+
+        A head with a `size_divisor` (the pyramid: its coarsest stride) gets images zero-padded at the
+        bottom/right to a multiple of it; its `loss` and `dense` pad the labels and crop the output to match.
+        """
+        divisor = getattr(self.head, "size_divisor", 1)
+        H, W = images.shape[-2:]
+        if H % divisor or W % divisor:
+            images = F.pad(images, (0, -W % divisor, 0, -H % divisor))
+        if getattr(self.decoder, "uses_stages", False):
+            features = self.decoder(self.backbone.forward_stages(images))  # stages at strides 4-32 -> H/4
+        else:
+            low_level, out = self.backbone(images)  # (B, c_low, H/4, W/4), (B, c_out, H/os, W/os)
+            features = self.decoder(low_level, out)  # (B, D, H/4, W/4)
         return self.head(features)
 
     def loss(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:

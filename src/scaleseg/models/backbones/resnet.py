@@ -236,6 +236,15 @@ class ResNet(nn.Module):
         out = self.layer4(x)  # (B, out_channels, H/OS, W/OS)
         return low_level, out
 
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of layer1..layer4 (strides 4, 8, 16, 32 at output stride 32)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        stages = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            stages.append(x)
+        return stages
+
 
 def resnet18(
     output_stride: int = 16,

@@ -6,6 +6,7 @@ from torch import nn
 
 from scaleseg.config import HeadConfig
 from scaleseg.models.heads.scorers import EmbeddingScorer, LinearScorer
+from scaleseg.models.heads.pyramid import PyramidHead
 from scaleseg.models.heads.single import SingleLevelHead
 
 
@@ -34,10 +35,33 @@ def build_scorer(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_ind
     )
 
 
+def build_pyramid(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int) -> PyramidHead:
+    """One scorer per level on D_s channels; embedding scorers share one class-embedding table."""
+    p = cfg.pyramid
+    scorers = [build_scorer(cfg, p.semantic_channels, num_classes, ignore_index) for _ in p.strides]
+    if cfg.scorer == "embedding":
+        for scorer in scorers[1:]:
+            scorer.class_embeddings = scorers[0].class_embeddings  # the same nn.Parameter
+    return PyramidHead(
+        scorers,
+        in_channels,
+        strides=p.strides,
+        unity_channels=p.unity_channels,
+        semantic_channels=p.semantic_channels,
+        context=p.context,
+        context_bins=p.context_bins,
+        tau=p.tau,
+        relabel=p.relabel,
+        relabel_tau=p.relabel_tau,
+        loss_resolution=cfg.loss_resolution,
+        ignore_index=ignore_index,
+    )
+
+
 def build_head(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int) -> nn.Module:
-    scorer = build_scorer(cfg, in_channels, num_classes, ignore_index)
-    structures = {"single": lambda: SingleLevelHead(scorer, cfg.loss_resolution)}
-    return structures[cfg.structure]()
+    if cfg.structure == "pyramid":
+        return build_pyramid(cfg, in_channels, num_classes, ignore_index)
+    return SingleLevelHead(build_scorer(cfg, in_channels, num_classes, ignore_index), cfg.loss_resolution)
 
 
-__all__ = ["build_head", "build_scorer", "EmbeddingScorer", "LinearScorer", "SingleLevelHead"]
+__all__ = ["build_head", "build_pyramid", "build_scorer", "EmbeddingScorer", "LinearScorer", "PyramidHead", "SingleLevelHead"]

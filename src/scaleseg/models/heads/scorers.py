@@ -6,7 +6,9 @@ and flips, and the decision from that map to class ids. Structures (single level
 these four methods and never look inside:
 
     forward(features (B, D, h, w)) -> scores (B, K, h, w)     K = C (linear) or d (embedding)
-    loss(scores (B, K, H, W), target (B, H, W)) -> {term: scalar}
+    loss(scores (B, K, H, W), target (B, H, W), regularize=True) -> {term: scalar}
+                       (regularize=False leaves out terms on the classes alone, e.g. ESS's margin,
+                       which a pyramid adds once rather than once per level)
     dense(scores (B, K, H, W)) -> (B, K, H, W)                 what inference averages
     decide(dense (B, K, H, W)) -> labels (B, H, W) int64
 """
@@ -35,7 +37,7 @@ class LinearScorer(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(features)  # (B, C, h, w) logits
 
-    def loss(self, scores: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, scores: torch.Tensor, target: torch.Tensor, regularize: bool = True) -> dict[str, torch.Tensor]:
         """Softmax cross-entropy averaged over non-ignored pixels; 0 (zero gradient) if there are none."""
         valid = target != self.ignore_index
         if not bool(valid.any()):
@@ -100,7 +102,7 @@ class EmbeddingScorer(nn.Module):
     def classes(self) -> torch.Tensor:
         return self._unit(self.class_embeddings, dim=1)  # (C, d)
 
-    def loss(self, scores: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, scores: torch.Tensor, target: torch.Tensor, regularize: bool = True) -> dict[str, torch.Tensor]:
         from scaleseg.losses import full_cross_entropy, knn_cross_entropy, margin_regularizer
 
         d = scores.shape[1]
@@ -116,7 +118,7 @@ class EmbeddingScorer(nn.Module):
             ce = full_cross_entropy(x, E, t, self.tau, self.ignore_index, self.distance,
                                     budget_bytes=self.search["budget_bytes"])
         terms = {"ce": ce}
-        if self.margin_weight > 0:
+        if regularize and self.margin_weight > 0:
             terms["margin"] = self.margin_weight * margin_regularizer(E, self.margin, **self.search)
         return terms
 

@@ -1,0 +1,298 @@
+"""The Specialize-and-Fuse pyramidal output structure (seed 004): unity head, semantic head with the
+coarse-to-fine contextual module, Eq. 1 training with "done by coarser" relabelling, Eq. 2 fusion.
+
+Levels are ordered coarse to fine (the paper's l = 1..L), e.g. strides (32, 16, 8, 4); the finest
+stride is the stride of the features the head receives. Each semantic level ends in its own class
+scorer (DESIGN.md): linear (the paper) or the ESS embedding scorer, whose class-embedding table is one
+parameter shared by all levels, so the pyramid scales to many classes.
+
+Choices where the paper is silent (documented in docs/pyramid.md):
+* Inputs are padded at the bottom/right to a multiple of the coarsest stride (images with zeros, i.e.
+  the mean colour after normalisation; labels with ignore) and outputs are cropped back.
+* The finest semantic level is trained like the single-level head: its scores are bilinearly
+  upsampled to the label size (`loss_resolution: full`) or the labels nearest-downsampled to its grid
+  (`decoder`), with done-by-coarser pixels ignored; the finest level has no unity prediction (section
+  3.1: every finest cell is taken as unity).
+* The unity head's last shared "Conv1x1" on the difference map is Conv1x1-BN-ReLU-Conv1x1: a single
+  linear map of the difference cannot measure its size in every direction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaleseg.losses.pyramid import (
+    UNITY_IGNORE,
+    check_strides,
+    done_by_coarser,
+    pad_labels,
+    pyramid_targets,
+    relabel,
+    unity_loss,
+    upsample_cells,
+)
+from scaleseg.models.decoders.deeplabv3plus import conv_norm_relu
+from scaleseg.models.heads.single import nearest_downsample, resize_scores
+
+
+def pyramid_pool(x: torch.Tensor, bins: tuple[int, ...]) -> torch.Tensor:
+    """Spatial pyramid pooling, flattened (Eq. 6, 10): (B, D, h, w) -> (B, D, sum(b * b))."""
+    return torch.cat([F.adaptive_avg_pool2d(x, b).flatten(2) for b in bins], dim=2)
+
+
+def conv1d_norm_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(cin, cout, 1, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True))
+
+
+def fuse(
+    coarse_dense: list[torch.Tensor],
+    coarse_unity: list[torch.Tensor],
+    strides,
+    finest_dense: torch.Tensor,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2: every pixel takes the prediction of the coarsest level whose cell is unity (>= tau), the
+    finest level's otherwise.
+
+    coarse_dense: per coarse level (coarse to fine), (B, K, h_l, w_l) dense maps (probabilities or unit
+        embeddings) at cell resolution; coarse_unity: their unity probabilities (B, h_l, w_l);
+    strides: the strides of all levels, coarse to fine (the last is the finest level's);
+    finest_dense: (B, K, H, W) at pixel resolution. tau >= 1 trusts no unity cell (finest level only).
+    Returns the fused (B, K, H, W) map and the level each pixel came from (B, H, W), 0 = coarsest.
+    """
+    strides = check_strides(strides)
+    B, _, H, W = finest_dense.shape
+    fused = finest_dense
+    level = torch.full((B, H, W), len(strides) - 1, dtype=torch.long, device=finest_dense.device)
+    if tau >= 1:
+        return fused, level
+    for index in reversed(range(len(coarse_dense))):  # fine to coarse: the coarsest unity cell wins
+        unity = upsample_cells(coarse_unity[index] >= tau, strides[index])[:, :H, :W]  # (B, H, W)
+        if not bool(unity.any()):
+            continue
+        cells = upsample_cells(coarse_dense[index], strides[index])[..., :H, :W]  # (B, K, H, W)
+        fused = torch.where(unity[:, None], cells.to(fused.dtype), fused)
+        level = level.masked_fill(unity, index)
+    return fused, level
+
+
+class UnityHead(nn.Module):
+    """Section 4.1: X -> X_u (D_u channels); per coarse level a cell centroid (average pooling + a
+    shared Conv1x1), its nearest-upsampled difference to Conv1x1(X_u), a shared classifier to one
+    logit per pixel, min pooling per cell. Output: unity logits (B, h_l, w_l) per coarse level."""
+
+    def __init__(self, in_channels: int, channels: int, factors: tuple[int, ...]) -> None:
+        super().__init__()
+        self.factors = factors  # cell size of each coarse level in finest-level pixels, coarse to fine
+        self.project = conv_norm_relu(in_channels, channels, 1, nn.BatchNorm2d)  # X -> X_u
+        self.pixel = nn.Conv2d(channels, channels, 1)
+        self.centroid = nn.Conv2d(channels, channels, 1)
+        self.classifier = nn.Sequential(
+            nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, 1, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
+        xu = self.project(features)  # (B, D_u, h, w)
+        pixels = self.pixel(xu)
+        diffs = [pixels - upsample_cells(self.centroid(F.avg_pool2d(xu, f)), f) for f in self.factors]
+        B = features.shape[0]
+        logits = self.classifier(torch.cat(diffs, dim=0))  # (n_levels * B, 1, h, w): one BN over all levels
+        out = []
+        for i, f in enumerate(self.factors):
+            pixel_logits = logits[i * B : (i + 1) * B]
+            out.append(-F.max_pool2d(-pixel_logits, f)[:, 0])  # min pooling = the most deviating pixel
+        return out
+
+
+class ContextAggregation(nn.Module):
+    """CA (Eq. 8-9): attention from the level's cells to the context tokens, concat, Conv1x1-BN-ReLU."""
+
+    def __init__(self, channels: int, key_channels: int) -> None:
+        super().__init__()
+        self.query = nn.Conv2d(channels, key_channels, 1)
+        self.key = nn.Conv1d(channels, key_channels, 1)
+        self.value = nn.Conv1d(channels, channels, 1)
+        self.aggregate = conv_norm_relu(2 * channels, channels, 1, nn.BatchNorm2d)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, D, h, w = x.shape
+        q = self.query(x).flatten(2).transpose(1, 2)  # (B, n, Dk)
+        k = self.key(context).transpose(1, 2)  # (B, T, Dk)
+        v = self.value(context).transpose(1, 2)  # (B, T, D)
+        att = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, n, D)
+        att = att.transpose(1, 2).reshape(B, D, h, w)
+        return self.aggregate(torch.cat([att, x], dim=1))  # X'^(l), Eq. 9
+
+
+class ContextUpdate(nn.Module):
+    """CU (Eq. 10-11): pyramid-pool the refined level, concat with the context, Conv1x1-BN-ReLU."""
+
+    def __init__(self, channels: int, bins: tuple[int, ...]) -> None:
+        super().__init__()
+        self.bins = bins
+        self.update = conv1d_norm_relu(2 * channels, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.update(torch.cat([pyramid_pool(x, self.bins), context], dim=1))  # (B, D, T)
+
+
+class SemanticHead(nn.Module):
+    """Section 4.2: Conv1x1 to D_s, average pooling to every level (Eq. 3), the coarse-to-fine
+    contextual module (Eq. 4-11; `context=False` is the "simplest" variant of Table 6), and per level
+    the ConvBlock's Conv1x1-BN-ReLU (its final Conv1x1 to classes is the level's scorer, Eq. 7)."""
+
+    def __init__(self, in_channels: int, channels: int, factors: tuple[int, ...], context: bool, bins) -> None:
+        super().__init__()
+        self.factors = factors  # every level, coarse to fine; the last is 1
+        self.bins = tuple(bins)
+        self.project = conv_norm_relu(in_channels, channels, 1, nn.BatchNorm2d)  # X -> X^(L)
+        self.context = context
+        if context:
+            self.aggregate = nn.ModuleList(ContextAggregation(channels, channels // 2) for _ in factors)
+            # theta^(L) would feed no level: the finest level has no update module
+            self.update = nn.ModuleList(ContextUpdate(channels, self.bins) for _ in factors[:-1])
+        self.blocks = nn.ModuleList(conv_norm_relu(channels, channels, 1, nn.BatchNorm2d) for _ in factors)
+
+    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
+        x = self.project(features)  # (B, D_s, h, w)
+        levels = [F.avg_pool2d(x, f) if f > 1 else x for f in self.factors]  # Eq. 3
+        if self.context:
+            theta = pyramid_pool(x, self.bins)  # theta^(0), Eq. 6: (B, D_s, T)
+            refined = []
+            for index, x_level in enumerate(levels):
+                x_level = self.aggregate[index](x_level, theta)  # Eq. 4
+                if index < len(self.update):
+                    theta = self.update[index](x_level, theta)  # Eq. 5
+                refined.append(x_level)
+            levels = refined
+        return [block(x_level) for block, x_level in zip(self.blocks, levels)]
+
+
+class PyramidHead(nn.Module):
+    """features (B, D, H/s_L, W/s_L) -> {"semantic": [scores per level], "unity": [logits per coarse level]}.
+
+    Scores of level l are (B, K, H/s_l, W/s_l) (K = C for a linear scorer, d for an embedding scorer);
+    unity logits (B, H/s_l, W/s_l) for the L - 1 coarse levels.
+    """
+
+    def __init__(
+        self,
+        scorers: list[nn.Module],
+        in_channels: int,
+        strides=(32, 16, 8, 4),
+        unity_channels: int = 64,
+        semantic_channels: int = 512,
+        context: bool = True,
+        context_bins=(1, 3, 6, 8),
+        tau: float = 0.9,
+        relabel: str = "done_by_coarser",
+        relabel_tau: float | None = None,
+        loss_resolution: str = "full",
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        self.strides = check_strides(strides)
+        if len(scorers) != len(self.strides):
+            raise ValueError(f"{len(self.strides)} pyramid levels need as many scorers, got {len(scorers)}")
+        if len(self.strides) < 2:
+            raise ValueError("a pyramid needs at least two levels (strides), e.g. [4, 32]")
+        finest = self.strides[-1]
+        factors = tuple(s // finest for s in self.strides)
+        self.size_divisor = self.strides[0]  # the Segmentor pads inputs to a multiple of this
+        self.tau = tau
+        self.relabel_policy = relabel
+        self.relabel_tau = tau if relabel_tau is None else relabel_tau
+        self.loss_resolution = loss_resolution
+        self.ignore_index = ignore_index
+        self.unity_head = UnityHead(in_channels, unity_channels, factors[:-1])
+        self.semantic_head = SemanticHead(in_channels, semantic_channels, factors, context, context_bins)
+        self.scorers = nn.ModuleList(scorers)
+        self.level_pixels: torch.Tensor | None = None  # pixels fused from each level since reset_level_stats()
+
+    def forward(self, features: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        semantic = [scorer(x) for scorer, x in zip(self.scorers, self.semantic_head(features))]
+        return {"semantic": semantic, "unity": self.unity_head(features)}
+
+    def _padded_size(self, outputs) -> tuple[int, int]:
+        h, w = outputs["semantic"][-1].shape[-2:]
+        return h * self.strides[-1], w * self.strides[-1]
+
+    def loss(self, outputs, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 1: the mean over levels of each scorer's loss + the mean unity BCE over the coarse levels,
+        on targets relabelled by the configured policy (computed without gradient)."""
+        semantic, unity = outputs["semantic"], outputs["unity"]
+        padded = pad_labels(target, self.size_divisor, self.ignore_index)
+        if tuple(padded.shape[-2:]) != self._padded_size(outputs):
+            raise ValueError(
+                f"labels of size {tuple(target.shape[-2:])} (padded {tuple(padded.shape[-2:])}) do not match the "
+                f"finest pyramid level {tuple(semantic[-1].shape[-2:])} at stride {self.strides[-1]}: the features "
+                "must come at the finest pyramid stride"
+            )
+        gt = pyramid_targets(padded, self.strides, self.ignore_index)
+        probs = [torch.sigmoid(u.detach().float()) for u in unity]
+        done = done_by_coarser(gt.unity, self.strides, self.relabel_policy, probs, self.relabel_tau)
+        L = len(self.strides)
+        terms: dict[str, torch.Tensor] = {}
+        for index, (scorer, scores) in enumerate(zip(self.scorers, semantic)):
+            if index < L - 1:
+                level_target = relabel(gt.semantic[index], done[index], self.ignore_index)
+            elif self.loss_resolution == "full":
+                scores = resize_scores(scores, padded.shape[-2:])
+                level_target = relabel(padded, upsample_cells(done[index], self.strides[index]), self.ignore_index)
+            else:
+                level_target = relabel(nearest_downsample(padded, scores.shape[-2:]), done[index], self.ignore_index)
+            for name, value in scorer.loss(scores, level_target, regularize=index == 0).items():
+                share = value if name != "ce" else value / L
+                terms[name] = terms[name] + share if name in terms else share
+        terms["unity"] = sum(
+            unity_loss(u, relabel(gt.unity[i], done[i], UNITY_IGNORE)) for i, u in enumerate(unity)
+        ) / (L - 1)
+        return terms
+
+    def fuse_outputs(self, outputs, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused dense map (B, K, H, W), level of each pixel (B, H, W)) for an image of `size`."""
+        H, W = size
+        semantic = outputs["semantic"]
+        finest = self.scorers[-1].dense(resize_scores(semantic[-1], self._padded_size(outputs)))[..., :H, :W]
+        coarse = [scorer.dense(scores) for scorer, scores in zip(self.scorers[:-1], semantic[:-1])]
+        probs = [torch.sigmoid(u.float()) for u in outputs["unity"]]
+        return fuse(coarse, probs, self.strides, finest, self.tau)
+
+    def dense(self, outputs, size: tuple[int, int]) -> torch.Tensor:
+        fused, level = self.fuse_outputs(outputs, size)
+        counts = torch.bincount(level.flatten(), minlength=len(self.strides)).cpu()
+        self.level_pixels = counts if self.level_pixels is None else self.level_pixels + counts
+        return fused
+
+    def reset_level_stats(self) -> None:
+        self.level_pixels = None
+
+    def level_fractions(self) -> dict[str, float] | None:
+        """Fraction of fused pixels taken from each level since `reset_level_stats` (Table 9's split),
+        keyed by stride, e.g. {"stride_32": 0.41, ...}; None if nothing was fused."""
+        if self.level_pixels is None or int(self.level_pixels.sum()) == 0:
+            return None
+        total = float(self.level_pixels.sum())
+        return {f"stride_{s}": float(n) / total for s, n in zip(self.strides, self.level_pixels.tolist())}
+
+    def decide(self, dense: torch.Tensor) -> torch.Tensor:
+        return self.scorers[-1].decide(dense)
+
+    def param_groups(self) -> list[dict]:
+        """The scorers' groups (a shared class table listed once) and every other head parameter in "head"."""
+        groups: dict[str, dict] = {}
+        seen: set[int] = set()
+        for scorer in self.scorers:
+            for group in scorer.param_groups():
+                params = [p for p in group["params"] if id(p) not in seen]
+                seen.update(id(p) for p in params)
+                if group["name"] in groups:
+                    groups[group["name"]]["params"].extend(params)
+                else:
+                    groups[group["name"]] = {**group, "params": params}
+        rest = [p for p in self.parameters() if id(p) not in seen]
+        groups.setdefault("head", {"name": "head", "params": []})["params"].extend(rest)
+        return list(groups.values())
