@@ -31,6 +31,17 @@ def test_bench_memory_baseline_grows_with_classes_and_ess_does_not(tmp_path, cap
     assert "| baseline |" in capsys.readouterr().out
 
 
+def test_bench_memory_pyramid_heads_follow_their_scorer(tmp_path):
+    """The pyramid with linear scorers grows with C like the baseline; with the embedding scorer it does not."""
+    out = tmp_path / "mem"
+    assert main(["bench", "memory", "--classes", "10,20000", "--heads", "pyramid-linear,pyramid-ess", *TINY_BENCH,
+                 "--set", "model.head.pyramid.semantic_channels=32", "--out", str(out)]) == 0
+    by = {(r["head"], r["num_classes"]): r for r in json.loads((out / "memory.json").read_text())["results"]}
+    assert all(r["status"] == "ok" for r in by.values()), by
+    assert by[("pyramid-linear", 20000)]["step_mb"] - by[("pyramid-linear", 10)]["step_mb"] > 600, by
+    assert by[("pyramid-ess", 20000)]["step_mb"] - by[("pyramid-ess", 10)]["step_mb"] < 100, by
+
+
 def test_bench_memory_table_marks_failures():
     records = [
         {"head": "baseline", "num_classes": 19, "status": "ok", "step_mb": 1000.4, "peak_mb": 1500.0},

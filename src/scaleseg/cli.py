@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("memory", help="peak training memory vs number of classes, one process per configuration")
     p.add_argument("--classes", type=_int_list, default=list(DEFAULT_CLASSES), metavar="C,C,...")
     p.add_argument("--heads", type=lambda t: t.split(","), default=["baseline", "ess-knn", "ess-full"],
-                   metavar="H,H,...", help="baseline, ess-knn, ess-full")
+                   metavar="H,H,...", help="baseline, ess-knn, ess-full, pyramid-linear, pyramid-ess")
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=256)
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bench.add_parser("speed", help="training-step and inference time vs number of classes, with a breakdown")
     p.add_argument("--classes", default="19,1284,20000", metavar="C,C,...", help="class counts (default 19,1284,20000)")
-    p.add_argument("--heads", default="baseline,ess-knn,ess-full", metavar="H,H,...", help="baseline, ess-knn, ess-full")
+    p.add_argument("--heads", default="baseline,ess-knn,ess-full", metavar="H,H,...", help="baseline, ess-knn, ess-full, pyramid-linear, pyramid-ess")
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=256)

@@ -37,7 +37,12 @@ HEADS = {
     "baseline": ["model.head.scorer=linear"],
     "ess-knn": ["model.head.scorer=embedding", "model.head.embedding.loss=knn"],
     "ess-full": ["model.head.scorer=embedding", "model.head.embedding.loss=full"],
+    # Specialize and Fuse's pyramid (strides 4-32, D_u 64, D_s 512, contextual module) on the same decoder
+    "pyramid-linear": ["model.head.structure=pyramid", "model.head.scorer=linear"],
+    "pyramid-ess": ["model.head.structure=pyramid", "model.head.scorer=embedding", "model.head.embedding.loss=knn"],
 }
+# heads whose loss runs the nearest-class search (timed separately by bench speed)
+KNN_HEADS = ("ess-knn", "pyramid-ess")
 DEFAULT_CLASSES = (19, 150, 1284, 5000, 20000, 100000)
 
 

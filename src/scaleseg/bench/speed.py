@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from scaleseg.bench.memory import HEADS
+from scaleseg.bench.memory import HEADS, KNN_HEADS
 from scaleseg.errors import ConfigError
 
 DEFAULT_SPEED_CLASSES = (19, 1284, 20000)
@@ -95,7 +95,7 @@ def check_args(args) -> None:
     if args.crop < 16:
         raise ConfigError(f"--crop {args.crop}: too small for the backbone's stride-16 features; use 16 or more")
     k = cfg.model.head.embedding.num_neighbours
-    if "ess-knn" in args.heads and min(args.classes) <= k:
+    if any(h in KNN_HEADS for h in args.heads) and min(args.classes) <= k:
         raise ConfigError(
             f"--classes {','.join(map(str, args.classes))}: the ess-knn head draws k = {k} negatives per pixel, "
             f"so every class count must be > {k}"
@@ -263,7 +263,7 @@ def measure_config(job: dict) -> dict:
         ("inference", lambda: measure_inference(model, dev, job["crop"], job["num_classes"], job["warmup"],
                                                 job["repeats"], sync)),
         ("train", lambda: measure_training(model, optimizer, dev, job["batch"], job["crop"], job["num_classes"],
-                                           job["warmup"], job["repeats"], sync, job["head"] == "ess-knn")),
+                                           job["warmup"], job["repeats"], sync, job["head"] in KNN_HEADS)),
     )
     for name, run in phases:
         try:
