@@ -169,7 +169,7 @@ def test_changing_done_by_coarser_or_mixed_cells_leaves_the_fused_output_unchang
     fused, level = fuse(coarse, unity, strides, finest, tau)
     # per level: the cells actually used are unity (>= tau) and not done by a coarser unity cell
     done = done_by_coarser([torch.ones_like(u, dtype=torch.long) for u in unity], strides, "done_by_coarser",
-                           unity, tau, num_levels=4)
+                           unity, tau)
     for index in range(3):
         used = (unity[index] >= tau) & ~done[index]
         assert bool(used.any()) and bool((~used).any())

@@ -97,8 +97,8 @@ def check_args(args) -> None:
     k = cfg.model.head.embedding.num_neighbours
     if any(h in KNN_HEADS for h in args.heads) and min(args.classes) <= k:
         raise ConfigError(
-            f"--classes {','.join(map(str, args.classes))}: the ess-knn head draws k = {k} negatives per pixel, "
-            f"so every class count must be > {k}"
+            f"--classes {','.join(map(str, args.classes))}: the kNN heads ({', '.join(KNN_HEADS)}) draw k = {k} "
+            f"negatives per pixel, so every class count must be > {k}"
         )
 
 

@@ -92,29 +92,26 @@ def done_by_coarser(
     policy: str = "done_by_coarser",
     unity_probs: list[torch.Tensor] | None = None,
     tau: float = 0.9,
-    num_levels: int | None = None,
 ) -> list[torch.Tensor]:
     """Which cells of each level are ignored because a coarser level already decided them (section 3.2).
 
-    unity: ground-truth unity targets of the coarse levels (at least those with a unity prediction).
+    unity: ground-truth unity targets of at least the L - 1 coarse levels (the finest one is not used).
     unity_probs: predicted unity probabilities of those levels (B, h_l, w_l); used by "done_by_coarser".
     policy:
       "done_by_coarser" (the paper's): a cell is done if an ancestor is a true positive, a ground-truth
           unity cell predicted unity (probability >= tau); false positives and negatives are not.
       "simple_fix": a cell is done if an ancestor is a ground-truth unity cell (Table 7).
       "naive": nothing is done; every level learns the full map (Table 7).
-    Returns one bool mask per level, coarse to fine (`num_levels` of them, default len(strides));
-    level 0 is never done. No gradient flows through it.
+    Returns one bool mask per level, coarse to fine; level 0 is never done. No gradient flows through it.
     """
     strides = check_strides(strides)
-    num_levels = len(strides) if num_levels is None else num_levels
     if policy not in RELABEL_POLICIES:
         raise ValueError(f"unknown relabel policy {policy!r}; choose one of {', '.join(RELABEL_POLICIES)}")
     done = [torch.zeros_like(unity[0], dtype=torch.bool)]
-    for level in range(1, num_levels):
+    for level in range(1, len(strides)):
         parent = level - 1
         decided = torch.zeros_like(done[parent])
-        if policy != "naive" and parent < len(unity):
+        if policy != "naive":
             decided = unity[parent] == 1
             if policy == "done_by_coarser":
                 if unity_probs is None:
