@@ -108,11 +108,7 @@ class DataConfig:
                 f"{key}.ignore_index = {self.ignore_index} is a class id (classes are 0..{self.num_classes - 1}); "
                 "choose a value outside that range, e.g. 65535 or -1, or leave it null for the dataset's own"
             )
-        if self.batch_size < 2:
-            raise ConfigError(
-                f"{key}.batch_size = {self.batch_size}: BatchNorm (in the ASPP image-pooling branch) needs at least 2 "
-                "images per batch; use 2 or more, with train.grad_accum for a larger effective batch"
-            )
+        _positive(self.batch_size, f"{key}.batch_size")  # >= 2 with BatchNorm: checked in Config.validate
         if self.num_workers < 0:
             raise ConfigError(f"{key}.num_workers = {self.num_workers}: must be >= 0")
         t = self.repeat_factor_threshold
@@ -254,7 +250,12 @@ class ModelConfig:
     ] = "resnet_tiny"
     output_stride: Literal[8, 16, 32] = 16
     pretrained: str | None = None  # ImageNet state dict (.pth): torchvision's, or the official HRNet release
-    backbone_bn_momentum: float = 0.01
+    backbone_bn_momentum: float = 0.01  # BatchNorm layers only (GroupNorm keeps no running statistics)
+    # Norm layers of backbone, decoder and head. group: Group Normalization (Wu & He 2018; ESS Table 5 "GN"), per
+    # image, so training works with 1-2 images per GPU (data.batch_size = 1 is allowed). ImageNet BN weights load
+    # as the GN affine parameters; their running statistics are dropped.
+    norm: Literal["batch", "group"] = "batch"
+    group_norm_channels: int = 16  # channels per GroupNorm group (groups = width // this); must divide every width
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
 
@@ -266,6 +267,11 @@ class ModelConfig:
                 "HRNet, e.g. hrnetv2_w48_imagenet_pretrained.pth), or null to train from scratch"
             )
         _in_range(self.backbone_bn_momentum, 0.0, 1.0, f"{key}.backbone_bn_momentum", low_open=True)
+        if self.group_norm_channels < 1:
+            raise ConfigError(
+                f"{key}.group_norm_channels = {self.group_norm_channels}: must be >= 1 (channels per GroupNorm "
+                "group; the paper uses 16)"
+            )
         self.decoder.validate(f"{key}.decoder")
         self.head.validate(f"{key}.head")
         hrnet = self.backbone.startswith("hrnet")
@@ -365,6 +371,12 @@ class Config:
     def validate(self) -> "Config":
         for section in ("data", "model", "optim", "train", "eval"):
             getattr(self, section).validate(section)
+        if self.data.batch_size < 2 and self.model.norm == "batch":
+            raise ConfigError(
+                f"data.batch_size = {self.data.batch_size}: BatchNorm (in the ASPP image-pooling branch) needs at "
+                "least 2 images per batch; use 2 or more, with train.grad_accum for a larger effective batch, "
+                "or model.norm=group"
+            )
         head, C = self.model.head, self.data.num_classes
         if head.scorer == "embedding" and head.embedding.loss == "knn" and head.embedding.num_neighbours > C - 1:
             raise ConfigError(

@@ -6,7 +6,7 @@ Contract shared by every backbone (ResNet and MobileNetV2 families):
   ValueError), ``norm_layer: Callable[[int], nn.Module] | None = None`` (builds a norm
   layer from a channel count; default ``nn.BatchNorm2d``) and
   ``bn_momentum: float | None = None`` (if given, set on every BatchNorm; the paper uses
-  0.01).
+  0.01; GroupNorm layers, from ``scaleseg.models.norm.make_norm("group")``, are left alone).
 * Attributes ``out_channels`` (high-level channels), ``low_level_channels`` (stride-4
   channels), ``output_stride``, ``arch`` (name, e.g. "resnet50") and
   ``pretrained_ignore_prefixes`` (classification-head keys of a torchvision file).
@@ -122,7 +122,7 @@ def build_backbone(
 def _log_report(name: str, report: LoadReport) -> None:
     """Log what was loaded; missing and unexpected keys at WARNING level."""
     logger.info(
-        "%s: loaded %d tensors from %s (%d classifier keys ignored)",
+        "%s: loaded %d tensors from %s (%d unused keys ignored: the classifier, and with GroupNorm the BN statistics)",
         name, report.loaded, report.path, len(report.ignored),
     )
     for kind, keys in (("missing from", report.missing), ("unexpected in", report.unexpected)):

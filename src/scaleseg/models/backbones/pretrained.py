@@ -6,6 +6,14 @@ backbone declares in ``pretrained_ignore_prefixes`` (torchvision's classificatio
 ``fc.*`` for ResNet, ``features.18.*`` and ``classifier.*`` for MobileNetV2) are expected
 to be unused and reported as ignored.
 
+BatchNorm weights into a GroupNorm model (``model.norm: group``): where the backbone has an
+``nn.GroupNorm`` in place of a file's BatchNorm, the BN ``weight`` and ``bias`` (same shape:
+one value per channel) are loaded as the GN affine parameters, and the BN statistics
+(``running_mean``, ``running_var``, ``num_batches_tracked``), which GN has no place for, are
+reported as ignored, not as unexpected. So "ImageNet weights with GN" means: convolutions and
+the per-channel scale and shift are reused, the batch statistics are dropped (GN normalises
+with each image's own group statistics instead).
+
 Every problem with the file raises :class:`scaleseg.errors.CheckpointError` naming the
 file; keys that are merely missing or unexpected are allowed (partial load) and listed in
 the returned :class:`LoadReport`.
@@ -28,6 +36,8 @@ _DATA_PARALLEL_PREFIX = "module."
 _NESTING_KEYS = ("state_dict", "model")
 # BatchNorm step counters: absent from older torchvision files and irrelevant for weights.
 _BENIGN_MISSING_SUFFIX = "num_batches_tracked"
+# BatchNorm buffers that a GroupNorm layer in the same place has no use for.
+_BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @dataclass
@@ -39,7 +49,8 @@ class LoadReport:
         loaded: number of tensors copied into the module.
         missing: module keys the file lacks (they keep their initial values).
         unexpected: file keys the module does not have (not counting ``ignored``).
-        ignored: classification-head keys of the file, expected to be unused.
+        ignored: file keys expected to be unused: the classification head, and the BatchNorm
+            statistics of layers that are GroupNorm in the module.
     """
 
     path: str
@@ -62,8 +73,14 @@ def load_pretrained(module: nn.Module, path: str | os.PathLike[str]) -> LoadRepo
     ignore_prefixes = tuple(getattr(module, "pretrained_ignore_prefixes", ()))
     own = module.state_dict()
 
-    ignored = sorted(k for k in state if k not in own and k.startswith(ignore_prefixes))
-    unexpected = sorted(k for k in state if k not in own and not k.startswith(ignore_prefixes))
+    group_norms = {name for name, m in module.named_modules() if isinstance(m, nn.GroupNorm)}
+
+    def expected_unused(key: str) -> bool:
+        owner, _, leaf = key.rpartition(".")
+        return key.startswith(ignore_prefixes) or (leaf in _BN_STATISTICS and owner in group_norms)
+
+    ignored = sorted(k for k in state if k not in own and expected_unused(k))
+    unexpected = sorted(k for k in state if k not in own and not expected_unused(k))
     matched = [k for k in own if k in state]
     if not matched:
         raise CheckpointError(

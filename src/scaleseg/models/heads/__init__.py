@@ -8,6 +8,7 @@ from scaleseg.config import HeadConfig
 from scaleseg.models.heads.scorers import EmbeddingScorer, LinearScorer
 from scaleseg.models.heads.pyramid import PyramidHead
 from scaleseg.models.heads.single import SingleLevelHead
+from scaleseg.models.norm import NormLayer
 
 
 def build_scorer(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int) -> nn.Module:
@@ -35,8 +36,11 @@ def build_scorer(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_ind
     )
 
 
-def build_pyramid(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int) -> PyramidHead:
-    """One scorer per level on D_s channels; embedding scorers share one class-embedding table."""
+def build_pyramid(
+    cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int, norm_layer: NormLayer | None = None
+) -> PyramidHead:
+    """One scorer per level on D_s channels; embedding scorers share one class-embedding table.
+    `norm_layer` builds the unity and semantic heads' norms (default BatchNorm; see PyramidHead)."""
     p = cfg.pyramid
     scorers = [build_scorer(cfg, p.semantic_channels, num_classes, ignore_index) for _ in p.strides]
     if cfg.scorer == "embedding":
@@ -55,12 +59,17 @@ def build_pyramid(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_in
         relabel_tau=p.relabel_tau,
         loss_resolution=cfg.loss_resolution,
         ignore_index=ignore_index,
+        norm_layer=norm_layer,
     )
 
 
-def build_head(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int) -> nn.Module:
+def build_head(
+    cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int, norm_layer: NormLayer | None = None
+) -> nn.Module:
+    """The configured structure x scorer. Only the pyramid has norm layers; the single-level head is a
+    scorer's 1x1 conv alone, so `norm_layer` does not reach it."""
     if cfg.structure == "pyramid":
-        return build_pyramid(cfg, in_channels, num_classes, ignore_index)
+        return build_pyramid(cfg, in_channels, num_classes, ignore_index, norm_layer)
     return SingleLevelHead(build_scorer(cfg, in_channels, num_classes, ignore_index), cfg.loss_resolution)
 
 

@@ -35,6 +35,7 @@ from scaleseg.losses.pyramid import (
 )
 from scaleseg.models.decoders.deeplabv3plus import conv_norm_relu
 from scaleseg.models.heads.single import nearest_downsample, resize_scores
+from scaleseg.models.norm import NormLayer, norm_1d
 
 
 def pyramid_pool(x: torch.Tensor, bins: tuple[int, ...]) -> torch.Tensor:
@@ -42,8 +43,10 @@ def pyramid_pool(x: torch.Tensor, bins: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([F.adaptive_avg_pool2d(x, b).flatten(2) for b in bins], dim=2)
 
 
-def conv1d_norm_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv1d(cin, cout, 1, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True))
+def conv1d_norm_relu(cin: int, cout: int, norm_layer: NormLayer | None = None) -> nn.Sequential:
+    """Conv1x1 (1-d) + norm + ReLU on (B, cin, T) tokens; norm_layer None: nn.BatchNorm1d (see norm_1d)."""
+    norm = norm_1d(norm_layer)
+    return nn.Sequential(nn.Conv1d(cin, cout, 1, bias=False), norm(cout), nn.ReLU(inplace=True))
 
 
 def fuse(
@@ -83,14 +86,17 @@ class UnityHead(nn.Module):
     shared Conv1x1), its nearest-upsampled difference to Conv1x1(X_u), a shared classifier to one
     logit per pixel, min pooling per cell. Output: unity logits (B, h_l, w_l) per coarse level."""
 
-    def __init__(self, in_channels: int, channels: int, factors: tuple[int, ...]) -> None:
+    def __init__(
+        self, in_channels: int, channels: int, factors: tuple[int, ...], norm_layer: NormLayer | None = None
+    ) -> None:
         super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
         self.factors = factors  # cell size of each coarse level in finest-level pixels, coarse to fine
-        self.project = conv_norm_relu(in_channels, channels, 1, nn.BatchNorm2d)  # X -> X_u
+        self.project = conv_norm_relu(in_channels, channels, 1, norm_layer)  # X -> X_u
         self.pixel = nn.Conv2d(channels, channels, 1)
         self.centroid = nn.Conv2d(channels, channels, 1)
         self.classifier = nn.Sequential(
-            nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 1, bias=False), norm_layer(channels), nn.ReLU(inplace=True),
             nn.Conv2d(channels, 1, 1),
         )
 
@@ -99,7 +105,8 @@ class UnityHead(nn.Module):
         pixels = self.pixel(xu)
         diffs = [pixels - upsample_cells(self.centroid(F.avg_pool2d(xu, f)), f) for f in self.factors]
         B = features.shape[0]
-        logits = self.classifier(torch.cat(diffs, dim=0))  # (n_levels * B, 1, h, w): one BN over all levels
+        # (n_levels * B, 1, h, w): one BatchNorm over all levels (GroupNorm: per map)
+        logits = self.classifier(torch.cat(diffs, dim=0))
         out = []
         for i, f in enumerate(self.factors):
             pixel_logits = logits[i * B : (i + 1) * B]
@@ -110,12 +117,12 @@ class UnityHead(nn.Module):
 class ContextAggregation(nn.Module):
     """CA (Eq. 8-9): attention from the level's cells to the context tokens, concat, Conv1x1-BN-ReLU."""
 
-    def __init__(self, channels: int, key_channels: int) -> None:
+    def __init__(self, channels: int, key_channels: int, norm_layer: NormLayer | None = None) -> None:
         super().__init__()
         self.query = nn.Conv2d(channels, key_channels, 1)
         self.key = nn.Conv1d(channels, key_channels, 1)
         self.value = nn.Conv1d(channels, channels, 1)
-        self.aggregate = conv_norm_relu(2 * channels, channels, 1, nn.BatchNorm2d)
+        self.aggregate = conv_norm_relu(2 * channels, channels, 1, norm_layer or nn.BatchNorm2d)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, D, h, w = x.shape
@@ -130,10 +137,10 @@ class ContextAggregation(nn.Module):
 class ContextUpdate(nn.Module):
     """CU (Eq. 10-11): pyramid-pool the refined level, concat with the context, Conv1x1-BN-ReLU."""
 
-    def __init__(self, channels: int, bins: tuple[int, ...]) -> None:
+    def __init__(self, channels: int, bins: tuple[int, ...], norm_layer: NormLayer | None = None) -> None:
         super().__init__()
         self.bins = bins
-        self.update = conv1d_norm_relu(2 * channels, channels)
+        self.update = conv1d_norm_relu(2 * channels, channels, norm_layer)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.update(torch.cat([pyramid_pool(x, self.bins), context], dim=1))  # (B, D, T)
@@ -144,17 +151,26 @@ class SemanticHead(nn.Module):
     contextual module (Eq. 4-11; `context=False` is the "simplest" variant of Table 6), and per level
     the ConvBlock's Conv1x1-BN-ReLU (its final Conv1x1 to classes is the level's scorer, Eq. 7)."""
 
-    def __init__(self, in_channels: int, channels: int, factors: tuple[int, ...], context: bool, bins) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        factors: tuple[int, ...],
+        context: bool,
+        bins,
+        norm_layer: NormLayer | None = None,
+    ) -> None:
         super().__init__()
+        norm2d = norm_layer or nn.BatchNorm2d
         self.factors = factors  # every level, coarse to fine; the last is 1
         self.bins = tuple(bins)
-        self.project = conv_norm_relu(in_channels, channels, 1, nn.BatchNorm2d)  # X -> X^(L)
+        self.project = conv_norm_relu(in_channels, channels, 1, norm2d)  # X -> X^(L)
         self.context = context
         if context:
-            self.aggregate = nn.ModuleList(ContextAggregation(channels, channels // 2) for _ in factors)
+            self.aggregate = nn.ModuleList(ContextAggregation(channels, channels // 2, norm_layer) for _ in factors)
             # theta^(L) would feed no level: the finest level has no update module
-            self.update = nn.ModuleList(ContextUpdate(channels, self.bins) for _ in factors[:-1])
-        self.blocks = nn.ModuleList(conv_norm_relu(channels, channels, 1, nn.BatchNorm2d) for _ in factors)
+            self.update = nn.ModuleList(ContextUpdate(channels, self.bins, norm_layer) for _ in factors[:-1])
+        self.blocks = nn.ModuleList(conv_norm_relu(channels, channels, 1, norm2d) for _ in factors)
 
     def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
         x = self.project(features)  # (B, D_s, h, w)
@@ -175,7 +191,9 @@ class PyramidHead(nn.Module):
     """features (B, D, H/s_L, W/s_L) -> {"semantic": [scores per level], "unity": [logits per coarse level]}.
 
     Scores of level l are (B, K, H/s_l, W/s_l) (K = C for a linear scorer, d for an embedding scorer);
-    unity logits (B, H/s_l, W/s_l) for the L - 1 coarse levels.
+    unity logits (B, H/s_l, W/s_l) for the L - 1 coarse levels. `norm_layer` builds every norm layer from a
+    channel count (default nn.BatchNorm2d, with nn.BatchNorm1d after the context update's Conv1d); any other
+    factory must accept (N, C, *) inputs, as nn.GroupNorm does (scaleseg.models.norm.make_norm).
     """
 
     def __init__(
@@ -192,6 +210,7 @@ class PyramidHead(nn.Module):
         relabel_tau: float | None = None,
         loss_resolution: str = "full",
         ignore_index: int = 255,
+        norm_layer: NormLayer | None = None,
     ) -> None:
         super().__init__()
         self.strides = check_strides(strides)
@@ -207,8 +226,8 @@ class PyramidHead(nn.Module):
         self.relabel_tau = tau if relabel_tau is None else relabel_tau
         self.loss_resolution = loss_resolution
         self.ignore_index = ignore_index
-        self.unity_head = UnityHead(in_channels, unity_channels, factors[:-1])
-        self.semantic_head = SemanticHead(in_channels, semantic_channels, factors, context, context_bins)
+        self.unity_head = UnityHead(in_channels, unity_channels, factors[:-1], norm_layer)
+        self.semantic_head = SemanticHead(in_channels, semantic_channels, factors, context, context_bins, norm_layer)
         self.scorers = nn.ModuleList(scorers)
         self.level_pixels: torch.Tensor | None = None  # pixels fused from each level since reset_level_stats()
 
