@@ -326,9 +326,16 @@ class TrainConfig:
     keep_checkpoints: int = 2  # iter_*.pth kept besides best.pth; 0 keeps all
     tensorboard: bool = False
     progress: bool = True  # tqdm progress bar with ETA on stderr
+    # under torchrun (several processes): BatchNorm statistics over the whole batch of all processes
+    # (SyncBatchNorm); false keeps each process's own. A single process always uses plain BatchNorm.
+    sync_bn: bool = True
+    # a step whose loss or gradient is NaN/inf is skipped (no update) and logged; after this many
+    # skipped steps in a row the run stops, leaving the last good checkpoint as it was
+    max_nonfinite_steps: int = 5
 
     def validate(self, key: str) -> None:
         _positive(self.iters, f"{key}.iters")
+        _positive(self.max_nonfinite_steps, f"{key}.max_nonfinite_steps")
         _positive(self.grad_accum, f"{key}.grad_accum")
         _positive(self.log_interval, f"{key}.log_interval")
         _positive(self.checkpoint_interval, f"{key}.checkpoint_interval")

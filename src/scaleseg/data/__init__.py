@@ -98,13 +98,19 @@ def build_train_loader(
     start: int = 0,
     work_dir: str | Path | None = None,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """Endless shuffled loader starting at sample position `start` (samples already consumed).
 
     With `cfg.repeat_factor_threshold` set, images are drawn by LVIS repeat-factor sampling; the
     per-image class sets it needs are scanned once (a progress bar unless `progress` is false) and
-    cached under `work_dir` (no cache without one)."""
-    from scaleseg.data.samplers import RepeatFactorSampler, class_sets_cache_path, image_class_sets, repeat_factors
+    cached under `work_dir` (no cache without one). With several processes (`world_size` > 1) each
+    loads its `rank`'s share of every global batch of batch_size x world_size (see RankShard);
+    `start` counts the samples of all processes."""
+    from scaleseg.data.samplers import (
+        RankShard, RepeatFactorSampler, class_sets_cache_path, image_class_sets, repeat_factors,
+    )
 
     p = cfg.train_pipeline
     transform = TrainTransform(
@@ -117,6 +123,8 @@ def build_train_loader(
         class_sets = image_class_sets(dataset, progress=progress, cache_path=cache, num_workers=cfg.num_workers)
         factors = repeat_factors(class_sets, cfg.repeat_factor_threshold)
         sampler = RepeatFactorSampler(factors, seed=seed, start=start)
+    if world_size > 1:
+        sampler = RankShard(sampler, cfg.batch_size, rank, world_size)
     return DataLoader(
         TransformedDataset(dataset, transform, seed=seed, ignore_index=ignore_index),
         batch_size=cfg.batch_size,
@@ -132,10 +140,18 @@ def build_train_loader(
     )
 
 
-def build_eval_loader(cfg: DataConfig, dataset: Dataset, ignore_index: int) -> DataLoader:
-    """One image per batch at its original size (images of a dataset may differ in size)."""
+def build_eval_loader(
+    cfg: DataConfig, dataset: Dataset, ignore_index: int, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """One image per batch at its original size (images of a dataset may differ in size). With several
+    processes, process `rank` takes images rank, rank + world_size, ... (their metrics are summed)."""
+    from torch.utils.data import Subset
+
+    data = TransformedDataset(dataset, EvalTransform(), ignore_index=ignore_index)
+    if world_size > 1:
+        data = Subset(data, range(rank, len(data), world_size))
     return DataLoader(
-        TransformedDataset(dataset, EvalTransform(), ignore_index=ignore_index),
+        data,
         batch_size=1,
         shuffle=False,
         num_workers=min(cfg.num_workers, 2),

@@ -1,6 +1,7 @@
 """Samplers whose position in the stream is part of the training state, so resumes are exact.
 
 * `ResumableSampler`: every image once per epoch, in a fresh random order each epoch.
+* `RankShard`: one process's share of either stream when several processes train (torchrun).
 * `RepeatFactorSampler`: LVIS repeat-factor sampling for long-tailed datasets: images holding rare
   classes appear several times per epoch. `repeat_factors` computes the factors from per-image
   class sets, which `image_class_sets` gets from the dataset (scanning its labels once, cached).
@@ -52,6 +53,32 @@ class ResumableSampler(Sampler):
             position += 1
 
     def __len__(self) -> int:  # endless; DataLoader only uses this for warnings
+        return 2**62
+
+
+class RankShard(Sampler):
+    """This process's share of an endless (index, position) stream when several processes train.
+
+    The stream is cut into global batches of `batch_size x world_size` consecutive items; process
+    `rank` takes items rank*batch_size .. (rank+1)*batch_size - 1 of each. So the processes together
+    see exactly the batches one process with batch `batch_size x world_size` would see, in the same
+    order with the same augmentations (positions seed them), and a resume at a stream position
+    continues the same stream whatever the number of processes.
+    """
+
+    def __init__(self, stream: Sampler, batch_size: int, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        self.stream, self.batch_size, self.rank, self.world_size = stream, batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        span = self.batch_size * self.world_size
+        for i, item in enumerate(self.stream):
+            if lo <= i % span < hi:
+                yield item
+
+    def __len__(self) -> int:  # endless
         return 2**62
 
 

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from scaleseg.config import EvalConfig
+from scaleseg.engine import distributed
 from scaleseg.engine.inference import predict_labels
 from scaleseg.metrics import SegmentationMetrics
 
@@ -29,7 +30,10 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> dict:
-    """Run the model over `loader` (batches of one image at original size) and return metrics."""
+    """Run the model over `loader` (batches of one image at original size) and return metrics.
+
+    Under torchrun each process evaluates its share of the images (see build_eval_loader) and the
+    per-class counts are summed across processes, so every process returns the whole split's metrics."""
     was_training = model.training
     model.eval()
     metrics = SegmentationMetrics(num_classes, ignore_index)
@@ -46,6 +50,13 @@ def evaluate(
             metrics.update(pred, target)
     finally:
         model.train(was_training)
+    if distributed.is_enabled():  # each process saw its share of the images: add up the counts
+        counts = distributed.all_reduce_sum(metrics.counts().to(device))
+        metrics.reset()
+        metrics.merge_(counts)
+        if pyramid:
+            levels = head.level_pixels if head.level_pixels is not None else torch.zeros(len(head.strides))
+            head.level_pixels = distributed.all_reduce_sum(levels.to(device=device, dtype=torch.int64))
     results = metrics.compute()
     if pyramid:
         # Specialize and Fuse (Table 9's split): the fraction of pixels each pyramid level decided, over

@@ -87,6 +87,8 @@ def log_to(path: Path | None, console: bool = True):
         h = logging.FileHandler(path, mode="a")
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         handlers.append(h)
+    if not handlers:  # other processes of a torchrun run: silent (no fallback to stderr for warnings)
+        handlers.append(logging.NullHandler())
     old_level, old_propagate = logger.level, logger.propagate
     logger.setLevel(logging.INFO)
     logger.propagate = False

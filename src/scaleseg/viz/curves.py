@@ -17,10 +17,11 @@ def plot_training_curves(scalars_path: Path, out_path: Path) -> Path:
     train = [r for r in rows if r.get("split") == "train"]
     val = [r for r in rows if r.get("split") == "val"]
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-    skip = {"iter", "split", "lr", "time_per_iter", "data_time", "grad_norm"}
-    terms = [k for k in (train[0] if train else {}) if k not in skip and not k.startswith("peak_mem")]
-    for key in terms:
-        ax_loss.plot([r["iter"] for r in train], [r[key] for r in train], label=key)
+    skip = {"iter", "split", "lr", "time_per_iter", "data_time", "grad_norm", "skipped_steps"}
+    terms = list(dict.fromkeys(k for r in train for k in r if k not in skip and not k.startswith("peak_mem")))
+    for key in terms:  # a window whose steps were all skipped (non-finite loss) has no loss terms
+        points = [(r["iter"], r[key]) for r in train if key in r]
+        ax_loss.plot(*zip(*points), label=key)
     ax_loss.set(xlabel="iteration", ylabel="loss", title="training loss")
     ax_loss.grid(alpha=0.3)
     if terms:
