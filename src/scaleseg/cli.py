@@ -1,8 +1,9 @@
-"""The `scaleseg` command: train, eval, predict.
+"""The `scaleseg` command: train, eval, predict, export.
 
     scaleseg train [CONFIG.yaml] [key=value ...] [--work-dir DIR] [--resume [CKPT]]
     scaleseg eval  WORK_DIR | CONFIG.yaml | CKPT.pth [key=value ...] [--checkpoint CKPT] [--out DIR]
-    scaleseg predict CKPT.pth IMAGE_OR_FOLDER --out DIR [key=value ...]
+    scaleseg predict CKPT.pth IMAGE_OR_FOLDER --out DIR [key=value ...] [--batch-size 8] [--workers 2]
+    scaleseg export CKPT.pth --format onnx|safetensors [--out FILE] [--chunk-classes N] [--no-verify]
     scaleseg prepare {cityscapes,voc-aug,ade20k-full,coco-lvis} ...
     scaleseg check-data [CONFIG.yaml] [key=value ...] [--splits train,val] [--no-progress]
     scaleseg bench memory ...
@@ -142,19 +143,63 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
+class _ImageReader:
+    """Map-style dataset for a DataLoader: item i -> (i, uint8 image (H, W, 3) or None, None or the reason
+    the file could not be read), so one unreadable image is reported instead of ending the run."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from scaleseg.data.io import read_image
+
+        try:
+            return index, read_image(self.files[index]), None
+        except Exception as exc:  # noqa: BLE001 - any reader failure is this file's, reported with its path
+            return index, None, str(exc) if isinstance(exc, ScalesegError) else f"{type(exc).__name__}: {exc}"
+
+
+def _write_prediction(target: Path, image, label, num_classes: int, palette) -> str | None:
+    """Label map (lossless, see `save_label_map`) and colour overlay beside it; -> None, or why not."""
     from PIL import Image
+
+    from scaleseg.data.io import overlay, save_label_map
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_label_map(target, label, num_classes)
+        Image.fromarray(overlay(image, label, palette)).save(target.with_name(target.name + "_overlay.png"))
+    except (OSError, ValueError) as exc:
+        return f"cannot write {target}: {exc}"
+    return None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Label maps and overlays for an image or a folder. Images are read by `--workers` processes;
+    consecutive images of one size are predicted together, up to `--batch-size` (in eval mode every
+    image of a batch is predicted independently of the others); outputs are written by a background
+    thread as batches finish. A file that cannot be read or predicted is listed at the end and in
+    DIR/failures.txt, and the exit status is 1."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from scaleseg.data.io import list_images, overlay, read_image, save_label_map
+    from scaleseg.data.io import list_images
     from scaleseg.data.transforms import to_tensor
     from scaleseg.engine.checkpoint import load_checkpoint, load_model_state
     from scaleseg.engine.inference import predict_labels
     from scaleseg.engine.runtime import log_to, select_device
     from scaleseg.models import build_model
 
+    if args.batch_size < 1:
+        raise ScalesegError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.workers < 0:
+        raise ScalesegError(f"--workers {args.workers}: must be >= 0 (0 reads in the main process)")
     ckpt = load_checkpoint(args.checkpoint)
     cfg = config_from_checkpoint(ckpt, args.overrides)
     num_classes, palette = int(ckpt["num_classes"]), ckpt["palette"].numpy()
@@ -166,26 +211,112 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = list_images(inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    failures = []
+    failures: list[tuple[Path, str]] = []
+    writes: list = []  # (path, future of _write_prediction)
+
+    def target_of(path: Path) -> Path:
+        rel = path.relative_to(inputs) if inputs.is_dir() else Path(path.name)
+        return out / rel.parent / rel.stem
+
+    def collect(keep: int) -> None:
+        """Record finished writes; wait for the oldest until at most `keep` are outstanding."""
+        while writes and (len(writes) > keep or writes[0][1].done()):
+            path, future = writes.pop(0)
+            error = future.result()
+            if error:
+                failures.append((path, error))
+
+    def predict(batch: list[tuple[Path, object]]) -> list[tuple[Path, object, object]]:
+        """[(path, image)] of one size -> [(path, image, labels (H, W))]; a batch that fails is retried
+        one image at a time, so only the images that fail alone are reported."""
+        try:
+            images = torch.stack([to_tensor(image) for _, image in batch]).to(device)
+            with torch.inference_mode():
+                labels = predict_labels(model, images, cfg.eval).cpu().numpy()
+            return [(path, image, label) for (path, image), label in zip(batch, labels)]
+        except (RuntimeError, ScalesegError) as exc:
+            if len(batch) > 1:
+                return [done for item in batch for done in predict([item])]
+            first = (str(exc).strip().splitlines() or [""])[0]
+            failures.append((batch[0][0], f"prediction failed: {type(exc).__name__}: {first}"))
+            return []
+
+    workers = args.workers if len(files) > 1 else 0
+    reader = DataLoader(_ImageReader(files), batch_size=None, shuffle=False, num_workers=workers)
+    with log_to(None) as log, ThreadPoolExecutor(max_workers=1) as writer, tqdm(
+        total=len(files), desc="predict", unit="img", disable=args.no_progress or len(files) == 1
+    ) as bar:
+
+        def flush(batch: list) -> None:
+            for path, image, label in predict(batch):
+                writes.append((path, writer.submit(_write_prediction, target_of(path), image, label, num_classes, palette)))
+            bar.update(len(batch))
+            collect(keep=2 * args.batch_size)  # bounded: finished images wait in memory for the writer
+
+        pending: list = []
+        for index, image, error in reader:
+            path = files[index]
+            if error is not None:
+                failures.append((path, error))
+                log.info(f"skipped {path}: {error}")
+                bar.update(1)
+                continue
+            image = image.numpy() if isinstance(image, torch.Tensor) else image  # the loader converts arrays
+            if pending and (image.shape != pending[0][1].shape or len(pending) >= args.batch_size):
+                flush(pending)
+                pending = []
+            pending.append((path, image))
+        if pending:
+            flush(pending)
+        collect(keep=0)
+    failures.sort(key=lambda f: str(f[0]))
+    listing = out / "failures.txt"
+    if failures:
+        from scaleseg.data.io import write_text_atomic
+
+        write_text_atomic(listing, "".join(f"{p}\t{' '.join(m.split())}\n" for p, m in failures))
+    elif listing.is_file():
+        listing.unlink()  # from an earlier run: nothing failed this time
     with log_to(None) as log:
-        for path in tqdm(files, desc="predict", unit="img", disable=args.no_progress or len(files) == 1):
-            rel = path.relative_to(inputs) if inputs.is_dir() else Path(path.name)
-            try:
-                image = read_image(path)
-                with torch.inference_mode():
-                    labels = predict_labels(model, to_tensor(image)[None].to(device), cfg.eval)
-                label = labels[0].cpu().numpy()
-                target = out / rel.parent / rel.stem
-                target.parent.mkdir(parents=True, exist_ok=True)
-                save_label_map(target, label, num_classes)
-                Image.fromarray(overlay(image, label, palette)).save(target.with_name(rel.stem + "_overlay.png"))
-            except ScalesegError as exc:
-                failures.append((path, str(exc)))
-                log.info(f"skipped {path}: {exc}")
         log.info(f"predicted {len(files) - len(failures)} of {len(files)} images into {out}")
         if failures:
-            log.info(f"{len(failures)} failed: " + "; ".join(f"{p}: {m}" for p, m in failures[:5]))
+            log.info(f"{len(failures)} failed (all listed in {listing}):")
+            for p, m in failures[:20]:
+                log.info(f"  {p}: {m}")
+            if len(failures) > 20:
+                log.info(f"  ... and {len(failures) - 20} more")
     return 1 if failures else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A checkpoint as ONNX (the whole predictor, verified with onnxruntime) or safetensors, each with a
+    JSON sidecar."""
+    from scaleseg.export import DEFAULT_CHUNK_CLASSES, export_onnx, export_safetensors
+
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ScalesegError(f"unexpected argument {bad[0]!r}: give one checkpoint, then key=value overrides")
+    if args.format == "safetensors":
+        if args.chunk_classes is not None:
+            raise ScalesegError("--chunk-classes applies to --format onnx only (the embedding scorer's search)")
+        result = export_safetensors(args.checkpoint, args.out, args.overrides)
+        print(f"wrote {result['safetensors']} ({result['tensors']} tensors) and {result['sidecar']}")
+        print("load it with scaleseg.export.load_safetensors_model(path) -> (model, meta)")
+        return 0
+    result = export_onnx(
+        args.checkpoint, args.out, args.overrides,
+        chunk_classes=DEFAULT_CHUNK_CLASSES if args.chunk_classes is None else args.chunk_classes,
+        verify=not args.no_verify,
+    )
+    print(f"wrote {result['onnx']} and {result['sidecar']}")
+    check = result["verification"]
+    if check is None:
+        print("not verified (--no-verify)")
+    else:
+        shapes = ", ".join("x".join(map(str, s)) for s in check["shapes"])
+        print(f"verified with {check['runtime']}: labels agree with PyTorch on {check['agreement']:.4%} of "
+              f"{check['pixels']} pixels (random images, B x H x W = {shapes})")
+    return 0
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
@@ -290,8 +421,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="an image file or a folder (searched recursively)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.mode=slide eval.flip=true")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images predicted together; only consecutive images of one size are batched (default 8)")
+    p.add_argument("--workers", type=int, default=2, help="image reader processes (default 2; 0: the main process)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="ONNX (the whole predictor) or safetensors weights, with a JSON sidecar")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, rarely needed")
+    p.add_argument("--format", required=True, choices=["onnx", "safetensors"])
+    p.add_argument("--out", help="file to write (default: beside the checkpoint, <stem>.onnx or <stem>.safetensors); "
+                                 "the JSON sidecar is <stem>.json beside it")
+    p.add_argument("--chunk-classes", type=int, default=None, metavar="N",
+                   help="onnx, embedding scorer: classes per step of the in-graph nearest-class search (default 1024); "
+                        "peak memory about B*H*W*N*4 bytes")
+    p.add_argument("--no-verify", action="store_true",
+                   help="onnx: skip the onnxruntime-vs-PyTorch check on random images")
+    p.set_defaults(func=cmd_export)
 
     from scaleseg.data.prepare import add_parsers as add_prepare_parsers
 
