@@ -173,3 +173,22 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(tmp_path, monkeypat
     with pytest.raises(NonFiniteLossError, match="3 training steps in a row"):
         Trainer(load_config(None, [*TINY, "train.max_nonfinite_steps=3"]), work_dir=work).run()
     assert "non-finite gradient norm (nan)" in (work / "train.log").read_text()
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling calls Path.touch(marker): what a tampered checkpoint could do
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_loading_a_tampered_checkpoint_never_runs_its_code(tmp_path):
+    from scaleseg.errors import CheckpointError
+
+    marker = tmp_path / "code_ran"
+    tampered = tmp_path / "iter_000002.pth"
+    torch.save({"format": "scaleseg-checkpoint", "iteration": 2, "payload": _RunsCodeWhenUnpickled(marker)}, tampered)
+    with pytest.raises(CheckpointError, match="iter_000002.pth.*cannot be read safely"):
+        load_checkpoint(tampered)
+    assert not marker.exists()
