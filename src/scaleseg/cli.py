@@ -50,7 +50,7 @@ def _eval_setup(target: str, overrides: list[str], checkpoint: str | None):
     ImageNet weights are never needed here (the checkpoint holds all weights), so
     `model.pretrained` is cleared: a config from another machine still loads."""
     from scaleseg.config import load_config
-    from scaleseg.engine.checkpoint import find_last_checkpoint, load_checkpoint
+    from scaleseg.engine.checkpoint import config_from_checkpoint, find_last_checkpoint, load_checkpoint
 
     path = Path(target)
     if path.suffix == ".pth":
@@ -71,13 +71,6 @@ def _eval_setup(target: str, overrides: list[str], checkpoint: str | None):
         raise ScalesegError("evaluating from a config file needs --checkpoint")
     cfg = load_config(path, overrides + ["model.pretrained=null"])
     return cfg, Path(checkpoint), Path(checkpoint).parent / "eval" / Path(checkpoint).stem
-
-
-def config_from_checkpoint(checkpoint: dict, overrides: list[str]):
-    """The config a checkpoint was trained with, plus overrides, without its ImageNet weights path."""
-    from scaleseg.config import apply_overrides, config_from_dict
-
-    return config_from_dict(apply_overrides(checkpoint["config"], [*overrides, "model.pretrained=null"]))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -191,22 +184,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from scaleseg.data.io import list_images
     from scaleseg.data.transforms import to_tensor
-    from scaleseg.engine.checkpoint import load_checkpoint, load_model_state
+    from scaleseg.engine.checkpoint import load_checkpoint_model
     from scaleseg.engine.inference import predict_labels
     from scaleseg.engine.runtime import log_to, select_device
-    from scaleseg.models import build_model
 
     if args.batch_size < 1:
         raise ScalesegError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.workers < 0:
         raise ScalesegError(f"--workers {args.workers}: must be >= 0 (0 reads in the main process)")
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = config_from_checkpoint(ckpt, args.overrides)
+    model, ckpt, cfg = load_checkpoint_model(args.checkpoint, args.overrides)
     num_classes, palette = int(ckpt["num_classes"]), ckpt["palette"].numpy()
-    model = build_model(cfg.model, num_classes, int(ckpt["ignore_index"]))
-    load_model_state(model, ckpt, args.checkpoint, cfg.to_dict())
     device = select_device(cfg.train.device)
-    model.to(device).eval()
+    model.to(device)
     inputs = Path(args.input)
     files = list_images(inputs)
     out = Path(args.out)

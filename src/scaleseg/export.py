@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import scaleseg
+from scaleseg.engine.checkpoint import load_checkpoint_model
 from scaleseg.errors import CheckpointError, ScalesegError
 
 DEFAULT_CHUNK_CLASSES = 1024
@@ -191,25 +192,7 @@ def _traceable_pyramid_head() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# loading a checkpoint
-
-
-def load_checkpoint_model(checkpoint: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[nn.Module, dict, Any]:
-    """(model in eval mode on the CPU, the checkpoint dict, its config with `overrides`)."""
-    from scaleseg.cli import config_from_checkpoint
-    from scaleseg.engine.checkpoint import load_checkpoint, load_model_state
-    from scaleseg.models import build_model
-
-    ckpt = load_checkpoint(checkpoint)
-    for key in ("model", "config", "num_classes", "ignore_index"):
-        if key not in ckpt:
-            raise CheckpointError(
-                f"checkpoint {str(checkpoint)!r} has no {key!r} entry; export a checkpoint written by scaleseg train"
-            )
-    cfg = config_from_checkpoint(ckpt, list(overrides))
-    model = build_model(cfg.model, int(ckpt["num_classes"]), int(ckpt["ignore_index"]))
-    load_model_state(model, ckpt, checkpoint, cfg.to_dict())
-    return model.eval(), ckpt, cfg
+# the checkpoint's classes and the output paths
 
 
 def _class_meta(ckpt: dict) -> dict:

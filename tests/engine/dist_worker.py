@@ -58,12 +58,13 @@ def check_batchnorm(rank: int, world: int) -> dict:
 
 
 def train_pair(overrides: list[str], rank: int, world: int, steps: int = 2):
-    """-> (DDP-trained model, reference model trained on whole batches, the reference's last loss)."""
+    """-> (DDP-trained model, reference model trained on whole batches, the weights both started from)."""
     cfg = load_config(None, ["model.decoder.channels=16", "model.decoder.low_level_channels=8",
                              "model.decoder.dropout=0", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg.model, 30, 255)
     reference = copy.deepcopy(model)
+    initial = copy.deepcopy(model.state_dict())
     model = convert_sync_batchnorm(model, torch.device("cpu"))
     ddp = nn.parallel.DistributedDataParallel(TrainStep(model))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -81,7 +82,7 @@ def train_pair(overrides: list[str], rank: int, world: int, steps: int = 2):
         ref_opt.zero_grad()
         ref_loss.backward()
         ref_opt.step()
-    return model, reference
+    return model, reference, initial
 
 
 def identical_across_ranks(tensor: torch.Tensor) -> bool:
@@ -97,30 +98,22 @@ def main() -> None:
     assert world == 2 and distributed.is_enabled()
     results = check_batchnorm(rank, world)
     for scorer in ("linear", "embedding"):
-        model, reference = train_pair([f"model.head.scorer={scorer}"], rank, world)
+        model, reference, initial = train_pair([f"model.head.scorer={scorer}"], rank, world)
         own, ref = model.state_dict(), reference.state_dict()
         assert own.keys() == ref.keys()  # SyncBatchNorm keeps BatchNorm's state_dict keys
         results[f"{scorer}_weights"] = max(max_diff(own[k], ref[k]) for k in own if own[k].is_floating_point())
-        results[f"{scorer}_moved"] = max(max_diff(ref[k], v) for k, v in build_reference_init(scorer).items()
-                                         if v.is_floating_point())
+        results[f"{scorer}_moved"] = max(max_diff(ref[k], v) for k, v in initial.items() if v.is_floating_point())
         results[f"{scorer}_identical_across_ranks"] = all(identical_across_ranks(p.detach()) for p in model.parameters())
         if scorer == "embedding":
             table = model.head.scorer.class_embeddings
             results["table_params"] = sum(1 for p in model.parameters() if p is table)
-    model, _ = train_pair(["model.head.structure=pyramid", "model.head.scorer=embedding",
+    model, _, _ = train_pair(["model.head.structure=pyramid", "model.head.scorer=embedding",
                            "model.head.pyramid.semantic_channels=16", "model.head.pyramid.unity_channels=8"], rank, world)
     results["pyramid_identical_across_ranks"] = all(identical_across_ranks(p.detach()) for p in model.parameters())
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
     dist.destroy_process_group()
-
-
-def build_reference_init(scorer: str) -> dict:
-    cfg = load_config(None, ["model.decoder.channels=16", "model.decoder.low_level_channels=8",
-                             "model.decoder.dropout=0", f"model.head.scorer={scorer}"])
-    torch.manual_seed(0)
-    return build_model(cfg.model, 30, 255).state_dict()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ DENDROGRAM_MAX_CLASSES = 5000  # average linkage keeps a C x C distance matrix: 
 def resolve_run(target: str | Path, overrides: list[str]):
     """A work dir (best.pth, else the last checkpoint; its config.yaml) or a checkpoint (its own config)
     -> (config, checkpoint path, checkpoint dict, work dir)."""
-    from scaleseg.cli import config_from_checkpoint
+    from scaleseg.engine.checkpoint import config_from_checkpoint
     from scaleseg.config import load_config
     from scaleseg.engine.checkpoint import find_last_checkpoint, load_checkpoint
 

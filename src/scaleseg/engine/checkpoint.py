@@ -145,3 +145,26 @@ def _flatten(d: dict, prefix: str):
             yield from _flatten(value, dotted)
         else:
             yield dotted, value
+
+
+def config_from_checkpoint(checkpoint: dict, overrides: list[str]):
+    """The config a checkpoint was trained with, plus overrides, without its ImageNet weights path."""
+    from scaleseg.config import apply_overrides, config_from_dict
+
+    return config_from_dict(apply_overrides(checkpoint["config"], [*overrides, "model.pretrained=null"]))
+
+
+def load_checkpoint_model(checkpoint: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[nn.Module, dict, Any]:
+    """(model in eval mode on the CPU, the checkpoint dict, its config with `overrides`), for predict and export."""
+    from scaleseg.models import build_model
+
+    ckpt = load_checkpoint(checkpoint)
+    for key in ("model", "config", "num_classes", "ignore_index"):
+        if key not in ckpt:
+            raise CheckpointError(
+                f"checkpoint {str(checkpoint)!r} has no {key!r} entry; use a checkpoint written by scaleseg train"
+            )
+    cfg = config_from_checkpoint(ckpt, list(overrides))
+    model = build_model(cfg.model, int(ckpt["num_classes"]), int(ckpt["ignore_index"]))
+    load_model_state(model, ckpt, checkpoint, cfg.to_dict())
+    return model.eval(), ckpt, cfg

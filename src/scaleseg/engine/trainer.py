@@ -113,7 +113,8 @@ class Trainer:
 
     def _run(self) -> dict:
         cfg, tcfg = self.cfg, self.cfg.train
-        ctx, device = distributed.init_distributed(tcfg.device)
+        ctx = self.ctx
+        _, device = distributed.init_distributed(tcfg.device)
         main = ctx.is_main
         amp = amp_dtype(tcfg, device)
         configure_determinism(tcfg.deterministic)
@@ -177,7 +178,7 @@ class Trainer:
         model.train()
         data_iter = iter(loader)
         sums: dict[str, float] = defaultdict(float)
-        window = {"start": time.perf_counter(), "iters": 0, "good": 0, "data": 0.0, "grad_norm": 0.0}
+        window = _new_window()
         skipped_in_a_row = 0
         final: dict = {}
         bar = tqdm(
@@ -190,7 +191,7 @@ class Trainer:
                 set_poly_lr(optimizer, it, tcfg.iters, cfg.optim.warmup_iters)
                 # BatchNorm running statistics change in the forward pass: kept to undo a skipped step's
                 buffers = [b.detach().clone() for b in model.buffers()]
-                values, problem = self._accumulate(step_module, data_iter, device, amp, scaler, window, iteration)
+                values, problem = self._accumulate(step_module, data_iter, device, amp, scaler, window)
                 grad_norm = None
                 if problem is None:
                     if scaler.is_enabled():
@@ -224,7 +225,7 @@ class Trainer:
                 if iteration % tcfg.log_interval == 0 or iteration == tcfg.iters:
                     self._log_step(iteration, optimizer, sums, window, device, scalars, writer)
                     sums.clear()
-                    window = {"start": time.perf_counter(), "iters": 0, "good": 0, "data": 0.0, "grad_norm": 0.0}
+                    window = _new_window()
 
                 last = iteration == tcfg.iters
                 if (tcfg.eval_interval and iteration % tcfg.eval_interval == 0) or last:
@@ -253,7 +254,7 @@ class Trainer:
             self.log.info(f"metrics written to {out_dir}; training curves in {curves}")
         return summary(final)
 
-    def _accumulate(self, step_module, data_iter, device, amp, scaler, window, iteration) -> tuple[dict, str | None]:
+    def _accumulate(self, step_module, data_iter, device, amp, scaler, window) -> tuple[dict, str | None]:
         """Forward and backward over train.grad_accum batches; -> (mean loss terms, None), or
         ({}, what was wrong) as soon as any process's loss is NaN/inf (the step's remaining batches are
         drawn but not used, so the sample stream stays aligned with the iteration count)."""
@@ -507,6 +508,11 @@ class Trainer:
                 "train.tensorboard = true needs the tensorboard package: pip install 'scaleseg[tensorboard]'"
             ) from None
         return SummaryWriter(str(self.work_dir / "tensorboard"))
+
+
+def _new_window() -> dict:
+    """Counters of the steps since the last log line: start time, steps, steps not skipped, data time, grad norms."""
+    return {"start": time.perf_counter(), "iters": 0, "good": 0, "data": 0.0, "grad_norm": 0.0}
 
 
 def _hms(seconds: float) -> str:
