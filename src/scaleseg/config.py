@@ -158,9 +158,9 @@ class EmbeddingConfig:
     """The ESS embedding scorer (used when model.head.scorer is embedding)."""
 
     embed_dim: int = 12  # d: channels of the pixel embedding and width of the class table
-    num_neighbours: int = 7  # k: negatives per pixel in the kNN loss (Eq. 6)
+    num_neighbours: int = 7  # k: negatives per pixel in the kNN loss (ESS Eq. 6)
     temperature: float = 0.05  # tau
-    margin: float = 0.2  # m of the max-margin regulariser (Eq. 7)
+    margin: float = 0.2  # m of the max-margin regulariser (ESS Eq. 7)
     margin_weight: float = 1.0  # 0 turns the regulariser off (the ablation)
     negatives: Literal["nearest", "random"] = "nearest"
     distance: Literal["squared", "euclidean"] = "squared"  # euclidean = the published code's -20 ||x - mu||
@@ -168,9 +168,7 @@ class EmbeddingConfig:
     normalize: bool = True  # L2-normalise pixel and class embeddings
     search_backend: Literal["torch", "faiss"] = "torch"
     search_budget_mb: int = 256  # memory bound of the nearest-class search and the exact loss tiles
-    embedding_momentum: float = 0.95  # the class table's own optimizer group (ESS supplementary A)
-    embedding_poly_power: float = 0.95
-    embedding_lr_mult: float = 1.0  # the class table's LR as a multiple of optim.lr
+    # the class table's optimizer settings are optim.groups.class_embeddings (ESS supplementary A)
 
     def validate(self, key: str) -> None:
         _positive(self.embed_dim, f"{key}.embed_dim")
@@ -180,11 +178,6 @@ class EmbeddingConfig:
         if self.margin < 0 or self.margin_weight < 0:
             raise ConfigError(f"{key}.margin and {key}.margin_weight must be >= 0")
         _positive(self.search_budget_mb, f"{key}.search_budget_mb")
-        _in_range(self.embedding_momentum, 0.0, 1.0, f"{key}.embedding_momentum", high_open=True)
-        if self.embedding_lr_mult <= 0:
-            raise ConfigError(f"{key}.embedding_lr_mult = {self.embedding_lr_mult}: must be > 0")
-        if self.embedding_poly_power < 0:
-            raise ConfigError(f"{key}.embedding_poly_power = {self.embedding_poly_power}: must be >= 0")
 
 
 @dataclass
@@ -195,8 +188,8 @@ class PyramidConfig:
     unity_channels: int = 64  # D_u of the unity head
     semantic_channels: int = 512  # D_s of the semantic head
     context: bool = True  # the coarse-to-fine contextual module; false = the "simplest" head of Table 6
-    context_bins: tuple[int, ...] = (1, 3, 6, 8)  # pyramid pooling of the context (Eq. 6)
-    tau: float = 0.9  # unity threshold of the fuse (Eq. 2); >= 1 uses the finest level alone
+    context_bins: tuple[int, ...] = (1, 3, 6, 8)  # pyramid pooling of the context (S&F Eq. 6)
+    tau: float = 0.9  # unity threshold of the fuse (S&F Eq. 2); >= 1 uses the finest level alone
     relabel: Literal["done_by_coarser", "simple_fix", "naive"] = "done_by_coarser"  # Table 7's policies
     relabel_tau: float | None = None  # true-positive threshold of the relabelling; null = tau
 
@@ -291,23 +284,61 @@ class ModelConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    """What one named parameter group gets; null = the optimizer's own value (optim.momentum, ...)."""
+
+    lr_mult: float = 1.0  # the group's LR = optim.lr x lr_mult
+    momentum: float | None = None
+    weight_decay: float | None = None
+    poly_power: float | None = None
+
+    def validate(self, key: str) -> None:
+        if self.lr_mult < 0:
+            raise ConfigError(f"{key}.lr_mult = {self.lr_mult}: must be >= 0 (0 freezes the group)")
+        if self.momentum is not None:
+            _in_range(self.momentum, 0.0, 1.0, f"{key}.momentum", high_open=True)
+        for name in ("weight_decay", "poly_power"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{key}.{name} = {value}: must be >= 0, or null for optim.{name}")
+
+
+@dataclass
+class ParamGroupsConfig:
+    """The optimizer groups the model's parts declare (Segmentor.param_groups), each with its settings, as
+    mmengine's paramwise_cfg.custom_keys or detectron2's overrides. Defaults: ESS supplementary A."""
+
+    backbone: ParamGroupConfig = field(default_factory=lambda: ParamGroupConfig(lr_mult=0.1))
+    decoder: ParamGroupConfig = field(default_factory=ParamGroupConfig)
+    head: ParamGroupConfig = field(default_factory=ParamGroupConfig)  # every head parameter but the class table
+    class_embeddings: ParamGroupConfig = field(  # the ESS class-embedding table
+        default_factory=lambda: ParamGroupConfig(momentum=0.95, poly_power=0.95)
+    )
+
+    def validate(self, key: str) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f"{key}.{f.name}")
+
+
+@dataclass
 class OptimConfig:
-    """SGD with poly LR stepped per iteration (ESS supplementary A)."""
+    """SGD with poly LR stepped per iteration (ESS supplementary A); per-group settings in `groups`."""
 
     lr: float = 0.1  # the default run trains from scratch; the paper uses 0.01 (ADE20K, COCO) with ImageNet weights
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
-    backbone_lr_mult: float = 0.1
     warmup_iters: int = 0  # linear warm-up from 0.1 x lr; 0 = none (the paper uses none)
     clip_grad_norm: float | None = None  # clip the global gradient norm to this value; null = no clipping
+    groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
 
     def validate(self, key: str) -> None:
         if self.lr <= 0:
             raise ConfigError(f"{key}.lr = {self.lr}: must be > 0")
         _in_range(self.momentum, 0.0, 1.0, f"{key}.momentum", high_open=True)
-        if self.weight_decay < 0 or self.poly_power < 0 or self.backbone_lr_mult < 0 or self.warmup_iters < 0:
-            raise ConfigError(f"{key}: weight_decay, poly_power, backbone_lr_mult and warmup_iters must be >= 0")
+        if self.weight_decay < 0 or self.poly_power < 0 or self.warmup_iters < 0:
+            raise ConfigError(f"{key}: weight_decay, poly_power and warmup_iters must be >= 0")
+        self.groups.validate(f"{key}.groups")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise ConfigError(f"{key}.clip_grad_norm = {self.clip_grad_norm}: must be > 0, or null for no clipping")
 
@@ -491,28 +522,58 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, base: Any = None) -> Any:
+    """An instance of the dataclass `cls`: `base` (default: `cls()`) with the keys of `raw` replaced. A
+    nested section starts from `base`'s own value, so `optim.groups.backbone.momentum=0.5` keeps that
+    group's default lr_mult."""
     where = prefix or "the config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping of keys, got {type(raw).__name__} {raw!r}")
+    base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
+            if dotted in RENAMED_KEYS:
+                raise ConfigError(f"config key {dotted!r} is now {RENAMED_KEYS[dotted]!r}; rename it")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {dotted!r}{hint}; allowed in {where}: {', '.join(names)}")
-        kwargs[key] = _coerce(hints[key], value, dotted)
-    return cls(**kwargs)
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value if value is not None else {}, dotted, getattr(base, key))
+        else:
+            kwargs[key] = _coerce(hints[key], value, dotted)
+    return dataclasses.replace(base, **kwargs)
+
+
+# keys of earlier versions -> their names now (configs are refused with the new name; the configs saved in
+# older checkpoints are carried over by `migrate_renamed_keys`)
+RENAMED_KEYS = {
+    "optim.backbone_lr_mult": "optim.groups.backbone.lr_mult",
+    "model.head.embedding.embedding_lr_mult": "optim.groups.class_embeddings.lr_mult",
+    "model.head.embedding.embedding_momentum": "optim.groups.class_embeddings.momentum",
+    "model.head.embedding.embedding_poly_power": "optim.groups.class_embeddings.poly_power",
+}
+
+
+def migrate_renamed_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a nested config dict with the keys of `RENAMED_KEYS` moved to their new names."""
+    raw = copy.deepcopy(raw)
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            _set_dotted(raw, new, node.pop(leaf))
+    return raw
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from scaleseg.config import EvalConfig
 from scaleseg.engine import distributed
-from scaleseg.engine.inference import predict_labels
+from scaleseg.engine.inference import predict_labels_with_counts
 from scaleseg.metrics import SegmentationMetrics
 
 SUMMARY_KEYS = ("mIoU", "aAcc", "mAcc", "fwIoU")
@@ -37,40 +37,35 @@ def evaluate(
     was_training = model.training
     model.eval()
     metrics = SegmentationMetrics(num_classes, ignore_index)
-    head = getattr(model, "head", None)
-    pyramid = hasattr(head, "level_fractions")
-    if pyramid:
-        head.reset_level_stats()
+    counts = model.head.empty_counts()  # the head's own tallies (SegmentationHead.dense_with_counts), zero
     try:
         for batch in tqdm(loader, desc="eval", unit="img", disable=not progress, leave=False, dynamic_ncols=True):
             images = batch["image"].to(device, non_blocking=True)
             target = batch["label"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred = predict_labels(model, images, cfg)
+                pred, image_counts = predict_labels_with_counts(model, images, cfg)
             metrics.update(pred, target)
+            for name, value in image_counts.items():
+                counts[name] += value.to(counts[name].device)
     finally:
         model.train(was_training)
     if distributed.is_enabled():  # each process saw its share of the images: add up the counts
-        counts = distributed.all_reduce_sum(metrics.counts().to(device))
+        summed = distributed.all_reduce_sum(metrics.counts().to(device))
         metrics.reset()
-        metrics.merge_(counts)
-        if pyramid:
-            levels = head.level_pixels if head.level_pixels is not None else torch.zeros(len(head.strides))
-            head.level_pixels = distributed.all_reduce_sum(levels.to(device=device, dtype=torch.int64))
+        metrics.merge_(summed)
+        counts = {name: distributed.all_reduce_sum(counts[name].to(device)) for name in sorted(counts)}
     results = metrics.compute()
-    if pyramid:
-        # Specialize and Fuse (Table 9's split): the fraction of pixels each pyramid level decided, over
-        # every view that inference fused (windows, scales, flips)
-        results["level_fractions"] = head.level_fractions()
+    results["head"] = model.head.summarize_counts({k: v.cpu() for k, v in counts.items()})
+    results["head_lines"] = model.head.describe_counts(results["head"])
     return results
 
 
 def summary(results: dict) -> dict[str, float]:
-    """The scalar metrics, in percent (rounded to 0.01), for logs and JSON; with a pyramid head also
-    "level_stride_<s>": the percentage of pixels decided at the level of stride s."""
+    """The scalar metrics, in percent (rounded to 0.01), for logs and JSON, then the head's own
+    (`SegmentationHead.summarize_counts`; the pyramid: "level_stride_<s>", the percentage of pixels
+    decided at the level of stride s)."""
     out = {k: (round(100 * results[k], 2) if not math.isnan(results[k]) else None) for k in SUMMARY_KEYS}
-    for k, v in (results.get("level_fractions") or {}).items():
-        out[f"level_{k}"] = round(100 * v, 2)
+    out.update(results.get("head") or {})
     return out
 
 
@@ -81,10 +76,7 @@ def format_table(results: dict, class_names: list[str], show: int = 10) -> str:
     label_area = results["label_area"]
     present = int((label_area > 0).sum())
     lines.append(f"classes present in the labels: {present} of {len(class_names)}")
-    levels = {k.removeprefix("level_stride_"): v for k, v in s.items() if k.startswith("level_stride_")}
-    if levels:
-        shares = ", ".join(f"stride {k}: {v:.2f}%" for k, v in levels.items())
-        lines.append(f"pixels decided per pyramid level: {shares}")
+    lines += results.get("head_lines") or []  # the head's own (e.g. the pyramid's pixels per level)
     if show and present:
         order = np.argsort(-label_area, kind="stable")[: min(show, present)]
         width = max(len(class_names[i]) for i in order)

@@ -16,7 +16,7 @@ DECODER_WIDTHS = {"resnet_tiny": (64, 24)}
 PUBLISHED_DECODER_WIDTHS = (256, 48)
 
 
-def build_model(cfg: ModelConfig, num_classes: int, ignore_index: int, backbone_lr_mult: float = 0.1) -> Segmentor:
+def build_model(cfg: ModelConfig, num_classes: int, ignore_index: int) -> Segmentor:
     """Backbone, decoder and head, every norm layer as `cfg.norm` says (BatchNorm, or GroupNorm with
     `cfg.group_norm_channels` channels per group; `backbone_bn_momentum` applies to BatchNorm only).
 
@@ -29,17 +29,18 @@ def build_model(cfg: ModelConfig, num_classes: int, ignore_index: int, backbone_
         cfg.backbone, output_stride=cfg.output_stride, pretrained=cfg.pretrained, bn_momentum=cfg.backbone_bn_momentum,
         norm_layer=norm(f"the backbone (model.backbone = {cfg.backbone})"),
     )
+    channels_in = backbone.feature_info.channels()  # stride 4 .. 32
     if cfg.decoder.type == "hrnet_fusion":
-        # HRNet stages are already the fusion widths; a ResNet's are reduced to them (section 5.1.2)
+        # HRNet stages are already the fusion widths; a ResNet's are reduced to them (S&F section 5.1.2)
         reduce_to = None if cfg.backbone.startswith("hrnet") else cfg.decoder.fusion_channels
         decoder = HRNetFusionDecoder(
-            backbone.stage_channels, reduce_to, norm_layer=norm("the decoder (model.decoder.fusion_channels)")
+            channels_in, reduce_to, norm_layer=norm("the decoder (model.decoder.fusion_channels)")
         )
     else:
         channels, low_level_channels = DECODER_WIDTHS.get(cfg.backbone, PUBLISHED_DECODER_WIDTHS)
         decoder = DeepLabV3PlusDecoder(
-            in_channels=backbone.out_channels,
-            low_level_in_channels=backbone.low_level_channels,
+            in_channels=channels_in[-1],
+            low_level_in_channels=channels_in[0],
             channels=cfg.decoder.channels or channels,
             low_level_channels=cfg.decoder.low_level_channels or low_level_channels,
             dilations=cfg.decoder.aspp_dilations or default_aspp_dilations(cfg.output_stride),
@@ -48,7 +49,7 @@ def build_model(cfg: ModelConfig, num_classes: int, ignore_index: int, backbone_
         )
     head_norm = norm("the pyramid head (model.head.pyramid.unity_channels, model.head.pyramid.semantic_channels)")
     head = build_head(cfg.head, decoder.out_channels, num_classes, ignore_index, norm_layer=head_norm)
-    return Segmentor(backbone, decoder, head, backbone_lr_mult=backbone_lr_mult)
+    return Segmentor(backbone, decoder, head)
 
 
 __all__ = ["build_model", "Segmentor"]
