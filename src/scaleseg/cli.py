@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scaleseg.errors import ScalesegError
+from scaleseg.errors import ScalesegError, user_message
 from scaleseg.bench.memory import DEFAULT_CLASSES
 
 
@@ -517,15 +517,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# command -> the attribute holding its `key=value` overrides (for train and check-data: the positional list
+# that also holds the config file)
+_OVERRIDE_LISTS = {"train": "args", "check-data": "args", "eval": "overrides", "predict": "overrides",
+                   "export": "overrides", "analyze": "overrides"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line, accepting `key=value` overrides anywhere on it (before, between or after the
+    --options): argparse stops filling a positional list at the first option, so what it leaves over is
+    appended to the command's override list. Unknown options stay errors (exit status 2)."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    target = _OVERRIDE_LISTS.get(args.command)
+    unknown = [e for e in extras if e.startswith("-") or target is None]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extras:
+        setattr(args, target, [*getattr(args, target), *extras])
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except ScalesegError as exc:
-        print(f"scaleseg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"scaleseg {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue a training run with --resume", file=sys.stderr)
+        if args.command == "prepare":
+            print(f"interrupted; finished files are kept: run the same `scaleseg prepare {args.dataset}` command "
+                  "again to continue where it stopped", file=sys.stderr)
+        elif args.command == "train":
+            print("interrupted; continue the run with --resume", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
 
 
