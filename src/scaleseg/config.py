@@ -250,6 +250,9 @@ class ModelConfig:
     ] = "resnet_tiny"
     output_stride: Literal[8, 16, 32] = 16
     pretrained: str | None = None  # ImageNet state dict (.pth): torchvision's, or the official HRNet release
+    # refuse a pretrained file whose keys do not match the backbone's (another depth: resnet50 weights for
+    # resnet101 share every shape but leave layer3.6-22 random); false: load the matching keys, warn
+    pretrained_strict: bool = True
     backbone_bn_momentum: float = 0.01  # BatchNorm layers only (GroupNorm keeps no running statistics)
     # Norm layers of backbone, decoder and head. group: Group Normalization (Wu & He 2018; ESS Table 5 "GN"), per
     # image, so training works with 1-2 images per GPU (data.batch_size = 1 is allowed). ImageNet BN weights load

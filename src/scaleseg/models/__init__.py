@@ -27,7 +27,7 @@ def build_model(cfg: ModelConfig, num_classes: int, ignore_index: int, backbone_
 
     backbone = build_backbone(
         cfg.backbone, output_stride=cfg.output_stride, pretrained=cfg.pretrained, bn_momentum=cfg.backbone_bn_momentum,
-        norm_layer=norm(f"the backbone (model.backbone = {cfg.backbone})"),
+        norm_layer=norm(f"the backbone (model.backbone = {cfg.backbone})"), pretrained_strict=cfg.pretrained_strict,
     )
     if cfg.decoder.type == "hrnet_fusion":
         # HRNet stages are already the fusion widths; a ResNet's are reduced to them (section 5.1.2)
