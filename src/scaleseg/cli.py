@@ -101,6 +101,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         json_path, csv_path = write_results(
             results, meta["class_names"], out_dir, extra={"checkpoint": str(ckpt_path), "iteration": ckpt.get("iteration")}
         )
+        for problem in results["skipped"]:
+            log.warning(f"skipped a bad val sample, not scored (data.on_bad_sample=skip): {problem}")
         log.info(format_table(results, meta["class_names"], show=args.show))
         log.info(f"wrote {json_path} and {csv_path}")
     return 0

@@ -64,8 +64,11 @@ def test_ade20k_missing_annotation_names_the_file(tmp_path):
     _jpeg(tmp_path / "images" / "training" / "ADE_train_00000009.jpg", 3, 4)
     with pytest.raises(DataError, match=r"ADE_train_00000009\.png"):
         ADE20K(tmp_path, "train")
-    with pytest.warns(UserWarning, match="skipping 1 of 2"):
-        assert len(ADE20K(tmp_path, "train", on_bad_sample="skip")) == 1
+    with pytest.warns(UserWarning, match="1 of 2 samples lack a file and will be skipped"):
+        ds = ADE20K(tmp_path, "train", on_bad_sample="skip")
+    assert len(ds) == 2  # listed; skipped (and counted) when read
+    item, skipped = ds.load_or_skip(1, substitute=False)
+    assert item is None and len(skipped) == 1 and "ADE_train_00000009.png" in skipped[0]
 
 
 def test_ade20k_bad_labels_name_the_file(tmp_path):

@@ -140,9 +140,9 @@ def test_missing_image_is_reported_or_skipped(tmp_path):
     missing.unlink()
     with pytest.raises(DataError, match="bochum_000000_000019_leftImg8bit.png"):
         Cityscapes(tmp_path, "train")
-    with pytest.warns(UserWarning, match="skipping 1 of 3"):
+    with pytest.warns(UserWarning, match="1 of 3 samples lack a file and will be skipped"):
         ds = Cityscapes(tmp_path, "train", on_bad_sample="skip")
-    assert len(ds) == 2
+    assert len(ds) == 3 and ds.load_or_skip(2, substitute=False)[0] is None
 
 
 def test_missing_label_is_reported(tmp_path):

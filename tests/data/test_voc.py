@@ -146,8 +146,8 @@ def test_voc_bad_inputs_raise_data_errors_naming_the_file(tmp_path):
     (voc / "ImageSets/Segmentation/train.txt").write_text("2007_000032\n2009_999999\n")
     with pytest.raises(DataError, match="2009_999999.jpg"):
         PascalVOC(tmp_path, "train")
-    with pytest.warns(UserWarning, match="skipping 1 of 2"):
-        assert len(PascalVOC(tmp_path, "train", on_bad_sample="skip")) == 1
+    with pytest.warns(UserWarning, match="1 of 2 samples lack a file and will be skipped"):
+        assert len(PascalVOC(tmp_path, "train", on_bad_sample="skip")) == 2
     # a missing split file
     with pytest.raises(DataError, match="train_missing.txt"):
         PascalVOC(tmp_path, "train_missing")

@@ -1,10 +1,10 @@
 """`scaleseg check-data`: read every sample of a dataset's splits through the dataset's own checks
 and report every problem (not just the first), with label statistics.
 
-A file dataset (`FileSegmentation`) is built leniently (`on_bad_sample="skip"`) so that listed
-files that do not exist are counted as problems instead of stopping the check; every remaining
-sample goes through `FileSegmentation.load` (image decoding, label decoding and bit depth, size
-match, value range). Any other dataset (the built-in synthetic one) is iterated, and its samples
+A file dataset (`FileSegmentation`) is built leniently (`on_bad_sample="skip"`) so that unpaired
+or missing files do not stop the check; every listed sample goes through `FileSegmentation.load`
+(both files present, image decoding, label decoding and bit depth, size match, value range), so each
+missing file is one problem naming it. Any other dataset (the built-in synthetic one) is iterated, and its samples
 get the same size and value-range checks.
 
     reports = check_config(cfg.data, ["train", "val"])
@@ -41,7 +41,7 @@ class SplitReport:
 
     dataset: str
     split: str
-    num_samples: int  # samples the split lists (with those whose files are missing)
+    num_samples: int  # samples the split lists (those with a missing file included)
     num_classes: int
     class_names: list[str]
     ignore_index: int
@@ -89,8 +89,6 @@ def check_dataset(
     """Read every sample of `dataset`; collect every problem and the label histogram."""
     from tqdm import tqdm
 
-    from scaleseg.data.datasets.base import FileSegmentation
-
     split = split or str(getattr(dataset, "split", ""))
     name = getattr(dataset, "NAME", "") or type(dataset).__name__
     num_classes = int(dataset.num_classes)
@@ -104,9 +102,6 @@ def check_dataset(
         class_pixels=np.zeros(num_classes, dtype=np.int64),
         class_images=np.zeros(num_classes, dtype=np.int64),
     )
-    if isinstance(dataset, FileSegmentation):
-        report.problems += _missing_files(dataset, split)
-        report.num_samples += len({p.sample for p in report.problems})
     loader = DataLoader(
         _Checked(dataset), batch_size=None, num_workers=num_workers, collate_fn=_identity, generator=torch.Generator()
     )
@@ -256,17 +251,3 @@ class _Checked(Dataset):
 
 def _identity(item):
     return item
-
-
-def _missing_files(dataset, split: str) -> list[Problem]:
-    """Listed samples that the (skip-mode) dataset dropped because a file does not exist."""
-    kept = set(dataset.samples)
-    problems = []
-    for sample in dataset.list_samples():
-        if sample in kept:
-            continue
-        for kind, path in (("image", sample.image), ("label", sample.label)):
-            if not path.is_file():
-                message = f"{kind} {str(path)!r} does not exist (listed in split {dataset.split!r})"
-                problems.append(Problem(split, sample.name, (str(path),), message))
-    return problems

@@ -13,15 +13,18 @@ from scaleseg.errors import DataError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, exif: bool = True) -> np.ndarray:
     """Any image PIL reads -> uint8 RGB (H, W, 3): grayscale (8/16-bit), palette, RGBA (alpha
-    dropped), CMYK; EXIF orientation applied."""
+    dropped), CMYK. With `exif` (a photo to predict on) its EXIF orientation is applied, as an image
+    viewer shows it; datasets read `exif=False`, the pixels as stored, since their label maps are drawn
+    on the stored pixels and carry no orientation of their own (image and label stay aligned)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image {str(path)!r} does not exist")
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
+            if exif:
+                im = ImageOps.exif_transpose(im)
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"image {str(path)!r} cannot be decoded ({exc}); the file is corrupt or not an image") from None

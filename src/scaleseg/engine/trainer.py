@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import scaleseg
 from scaleseg.config import Config, save_config
-from scaleseg.data import build_dataset, build_eval_loader, build_train_loader
+from scaleseg.data import build_dataset, build_eval_loader, build_train_loader, log_skipped
 from scaleseg.engine import distributed
 from scaleseg.engine.checkpoint import (
     find_last_checkpoint,
@@ -264,6 +264,7 @@ class Trainer:
             t = time.perf_counter()
             batch = next(data_iter)
             window["data"] += time.perf_counter() - t
+            window["skipped_samples"] += log_skipped(batch, self.log, "training")  # data.on_bad_sample=skip
             images = batch["image"].to(device, non_blocking=True)  # (B, 3, h, w)
             labels = batch["label"].to(device, non_blocking=True)  # (B, h, w)
             # with several processes, gradients are all-reduced on the step's last batch only
@@ -422,8 +423,12 @@ class Trainer:
         self.log.info(
             f"eval iter {iteration}: " + "  ".join(f"{k} {v if v is None else f'{v:.2f}'}" for k, v in s.items())
         )
+        skipped = results.get("skipped_samples", 0)
+        if skipped:
+            self.log.warning(f"eval iter {iteration}: {skipped} bad val samples skipped, not scored (data.on_bad_sample=skip): "
+                             + "; ".join(results.get("skipped", [])))
         if scalars is not None:
-            scalars.write(json.dumps({"iter": iteration, "split": "val", **s}) + "\n")
+            scalars.write(json.dumps({"iter": iteration, "split": "val", **s, **({"skipped_samples": skipped} if skipped else {})}) + "\n")
             scalars.flush()
         if writer is not None:
             for k, v in s.items():
@@ -446,6 +451,7 @@ class Trainer:
         if distributed.is_enabled():  # the same keys in every process: the same model and skipped steps
             reduced = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device))
             sums = dict(zip(keys, (reduced / self.ctx.world_size).tolist()))
+            window["skipped_samples"] = int(distributed.all_reduce_sum(torch.tensor([window["skipped_samples"]], device=device)))
         terms = {k: sums[k] / good for k in keys} if good else {}
         elapsed = time.perf_counter() - window["start"]
         per_iter = elapsed / n
@@ -465,6 +471,8 @@ class Trainer:
             loss_text += f"  grad norm {grad_norm:.2f}"
         if good < n:
             loss_text += f"  skipped steps {n - good}"
+        if window["skipped_samples"]:
+            loss_text += f"  skipped bad samples {window['skipped_samples']}"
         self.log.info(
             f"iter {iteration}/{tcfg.iters}  lr {head_lr:.3e}  {loss_text}  time {per_iter:.3f}s/it "
             f"(data {window['data'] / n:.3f}s)  eta {_hms(eta)}  peak mem {mem:.0f} MiB ({kind})"
@@ -484,6 +492,8 @@ class Trainer:
             record["grad_norm"] = grad_norm
         if good < n:
             record["skipped_steps"] = n - good
+        if window["skipped_samples"]:
+            record["skipped_samples"] = window["skipped_samples"]
         scalars.write(json.dumps(record) + "\n")
         scalars.flush()
         if writer is not None:
@@ -512,7 +522,7 @@ class Trainer:
 
 def _new_window() -> dict:
     """Counters of the steps since the last log line: start time, steps, steps not skipped, data time, grad norms."""
-    return {"start": time.perf_counter(), "iters": 0, "good": 0, "data": 0.0, "grad_norm": 0.0}
+    return {"start": time.perf_counter(), "iters": 0, "good": 0, "data": 0.0, "grad_norm": 0.0, "skipped_samples": 0}
 
 
 def _hms(seconds: float) -> str:
