@@ -248,12 +248,14 @@ def test_prepare_voc_aug_builds_trainaug_and_resumes(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in aug.iterdir()} == mtimes
     assert (voc / "ImageSets/Segmentation/trainaug.txt").stat().st_mtime_ns == list_mtime
 
-    # an interrupted run (a mask and the list missing) is completed; --sbd may also name dataset/
+    # an interrupted run (a mask and the list missing, a write killed half-way) is completed; --sbd may also name dataset/
     (aug / "2008_000003.png").unlink()
+    (aug / ".2008_000003.png.4242.tmp").write_bytes(b"")
     (voc / "ImageSets/Segmentation/trainaug.txt").unlink()
     assert prepare(tmp_path, sbd / "dataset") == 0
     assert "1 masks written, 3 already present" in capsys.readouterr().out
     assert len(PascalVOCAug(tmp_path, "train")) == 4
+    assert sorted(p.stem for p in aug.iterdir()) == TRAINAUG
 
 
 def test_voc_aug_missing_masks_point_to_the_converter(tmp_path, capsys):

@@ -86,6 +86,16 @@ def atomic_write(path: str | Path, write) -> None:
             tmp.unlink()
 
 
+def remove_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files `atomic_write` leaves in `folder` when its process is killed mid-write
+    (`.<name>.<pid>.tmp`, possibly empty); finished files are never touched. -> how many."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file() or p.is_symlink()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink()
+    return len(stale)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
