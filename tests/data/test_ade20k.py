@@ -145,7 +145,8 @@ def _release(root, objects=True):
 def _prepare(root, out, *extra):
     parser = argparse.ArgumentParser()
     ade20k_full.add_arguments(parser)
-    args = parser.parse_args(["--root", str(root), "--out", str(out), "--num-classes", "3", "--no-progress", *extra])
+    args = parser.parse_args(["--root", str(root), "--out", str(out), "--classes", "ranked", "--num-classes", "3",
+                              "--no-progress", *extra])
     return ade20k_full.run(args)
 
 
@@ -304,7 +305,8 @@ def test_prepare_command_line(tmp_path, capsys):
     from scaleseg.cli import main
 
     root = _release(tmp_path / "release")
-    assert main(["prepare", "ade20k-full", "--root", str(root), "--out", str(tmp_path / "out"), "--num-classes", "3", "--no-progress"]) == 0
+    assert main(["prepare", "ade20k-full", "--root", str(root), "--out", str(tmp_path / "out"), "--classes", "ranked",
+                 "--num-classes", "3", "--no-progress"]) == 0
     assert ADE20KFull(tmp_path / "out", "train").num_classes == 3
     assert main(["prepare", "ade20k-full", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
     assert "no images/ADE folder" in capsys.readouterr().err
