@@ -31,6 +31,7 @@ FILE_DATASETS = {
     "cocostuff10k": "cocostuff:COCOStuff10k",
     "cocostuff164k": "cocostuff:COCOStuff164k",
     "coco_lvis": "coco_lvis:COCOLVIS",
+    "pascal_context": "pascal_context:PascalContext",
     "folder": "folder:FolderSegmentation",
 }
 
