@@ -22,6 +22,8 @@ from scaleseg.cli import main, parse_args
         (["train", "cfg.yaml", "--work-dir", "w", "train.iters=2", "--resume"], "args", ["cfg.yaml", "train.iters=2"]),
         (["train", "--work-dir", "w", "cfg.yaml", "train.iters=2"], "args", ["cfg.yaml", "train.iters=2"]),
         (["train", "train.iters=2", "--work-dir", "w", "cfg.yaml"], "args", ["train.iters=2", "cfg.yaml"]),
+        # --resume takes an optional checkpoint: an override after it is still an override
+        (["train", "cfg.yaml", "--resume", "train.iters=4", "a.b=1"], "args", ["cfg.yaml", "train.iters=4", "a.b=1"]),
         (["check-data", "cfg.yaml", "--splits", "val", "data.root=/x"], "args", ["cfg.yaml", "data.root=/x"]),
         (["export", "best.pth", "--format", "onnx", "eval.mode=whole"], "overrides", ["eval.mode=whole"]),
         (["analyze", "work", "--out", "o", "train.device=cpu", "--images", "2"], "overrides", ["train.device=cpu"]),
@@ -29,6 +31,12 @@ from scaleseg.cli import main, parse_args
 )
 def test_overrides_are_accepted_anywhere(argv, attr, expected):
     assert getattr(parse_args(argv), attr) == expected
+
+
+def test_resume_keeps_its_checkpoint_or_none():
+    assert parse_args(["train", "cfg.yaml", "--resume", "train.iters=4"]).resume == ""  # the work dir's last
+    assert parse_args(["train", "cfg.yaml", "--resume", "runs/a/iter_000004.pth", "x.y=1"]).resume == "runs/a/iter_000004.pth"
+    assert parse_args(["train", "cfg.yaml"]).resume is None
 
 
 def test_option_values_containing_equals_stay_option_values():

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -525,11 +526,17 @@ _OVERRIDE_LISTS = {"train": "args", "check-data": "args", "eval": "overrides", "
                    "export": "overrides", "analyze": "overrides"}
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # a dotted `key=value` override
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse a command line, accepting `key=value` overrides anywhere on it (before, between or after the
     --options): argparse stops filling a positional list at the first option, so what it leaves over is
     appended to the command's override list. Unknown options stay errors (exit status 2)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--resume` takes an optional CKPT: an override right after it is an override, not a checkpoint
+    argv = ["--resume=" if a == "--resume" and _OVERRIDE.match(b) else a for a, b in zip(argv, [*argv[1:], ""])]
     args, extras = parser.parse_known_args(argv)
     target = _OVERRIDE_LISTS.get(args.command)
     unknown = [e for e in extras if e.startswith("-") or target is None]

@@ -89,3 +89,12 @@ def test_load_message_mentions_bn_statistics_only_under_group_norm(tmp_path, cap
         build_backbone("resnet18", pretrained=path, norm_layer=make_norm("group", 16))
     group = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
     assert len(group) == 1 and "the classifier (2) and the BatchNorm statistics" in group[0] and "GroupNorm" in group[0]
+
+
+def test_a_path_under_home_is_expanded(tmp_path, monkeypatch):
+    """README: model.pretrained=~/weights/resnet50-11ad3fa6.pth (the config check expands ~; so must the loader)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path, state = torchvision_file(tmp_path, "resnet18")
+    model = build_backbone("resnet18", pretrained="~/resnet18.pth")
+    assert model.pretrained_report.path == str(path)
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])

@@ -75,7 +75,7 @@ def load_pretrained(module: nn.Module, path: str | os.PathLike[str], strict: boo
             ``strict``, also when a backbone key is missing from the file or a file key is
             unknown to the backbone (nothing is loaded then).
     """
-    path_str = str(path)
+    path_str = str(Path(path).expanduser())  # `~/weights/...` as the config check and the README have it
     arch = getattr(module, "arch", type(module).__name__)
     state = _read_state_dict(path_str)
     ignore_prefixes = tuple(getattr(module, "pretrained_ignore_prefixes", ()))
