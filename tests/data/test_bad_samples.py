@@ -154,7 +154,7 @@ def test_an_unpaired_file_is_reported_by_name(tmp_path, capsys, cls, name, make,
 
 
 # ------------------------------------------------------------------------------------- EXIF orientation
-def test_images_and_labels_are_read_as_stored_without_exif_orientation(tmp_path):
+def test_images_and_labels_are_read_as_stored_without_exif_orientation(tmp_path, capsys):
     """A JPEG tagged "rotate 180" (EXIF orientation 3) with a label map drawn on its stored pixels: the
     dataset reads both as stored, so they stay aligned; `scaleseg predict` (no label) applies the tag."""
     from scaleseg.data.io import read_image
@@ -174,6 +174,14 @@ def test_images_and_labels_are_read_as_stored_without_exif_orientation(tmp_path)
     np.testing.assert_array_equal(item["image"], stored)
     np.testing.assert_array_equal(item["label"], label)
     np.testing.assert_array_equal(read_image(image_path), stored[::-1, ::-1])  # predict: as displayed
+    # check-data points the tag out (a label drawn on the displayed picture would be upside down)
+    (tmp_path / "images" / "val").mkdir()
+    (tmp_path / "labels" / "val").mkdir()
+    (tmp_path / "images" / "val" / "x.png").symlink_to(image_path)
+    (tmp_path / "labels" / "val" / "x.png").symlink_to(tmp_path / "labels" / "train" / "x.png")
+    assert main(["check-data", "data.dataset=folder", f"data.root={tmp_path}", "data.num_classes=2", "--no-progress",
+                 "data.num_workers=0"]) == 0
+    assert f"note: 1 images carry an EXIF orientation tag (e.g. {image_path} (orientation 3))" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------- refused values

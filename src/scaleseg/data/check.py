@@ -49,6 +49,7 @@ class SplitReport:
     class_pixels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (C,) labelled pixels
     class_images: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (C,) images with the class
     ignore_pixels: int = 0
+    exif_rotated: list[str] = field(default_factory=list)  # images whose EXIF orientation tag is not applied
     total_pixels: int = 0  # all label pixels of the samples that loaded
 
     @property
@@ -71,6 +72,7 @@ class SplitReport:
             "ignore_pixels": self.ignore_pixels,
             "total_pixels": self.total_pixels,
             "problems": [dataclasses.asdict(p) for p in self.problems],
+            "exif_rotated": list(self.exif_rotated),
             "classes": [
                 {
                     "id": c,
@@ -116,6 +118,8 @@ def check_dataset(
         report.class_images[classes] += 1
         report.ignore_pixels += result["ignore"]
         report.total_pixels += result["total"]
+        if result.get("exif"):
+            report.exif_rotated.append(result["exif"])
     return report
 
 
@@ -183,6 +187,11 @@ def format_report(reports: Sequence[SplitReport], show: int = 8) -> str:
                         for c in order[::-1][:show]
                     ]
                     lines.append("  fewest pixels: " + ", ".join(rare))
+        if r.exif_rotated:
+            lines.append(
+                f"  note: {len(r.exif_rotated)} images carry an EXIF orientation tag (e.g. {r.exif_rotated[0]}); images "
+                "and labels are read as stored, so a label drawn on the rotated (displayed) picture would not match"
+            )
         for p in r.problems:
             where = f"{p.sample}: " if p.sample is not None else ""
             lines.append(f"  PROBLEM {where}{p.message}")
@@ -233,6 +242,7 @@ class _Checked(Dataset):
             "counts": counts.astype(np.int64),
             "ignore": int(np.count_nonzero(label == self.ignore_index)),
             "total": int(label.size),
+            "exif": _exif_rotated(files[0]) if self.is_file_dataset else None,
         }
 
     def _check_plain(self, item: dict) -> None:
@@ -251,3 +261,15 @@ class _Checked(Dataset):
 
 def _identity(item):
     return item
+
+
+def _exif_rotated(path: str) -> str | None:
+    """`path` and its tag if the image has an EXIF orientation other than 1 (as stored), else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            orientation = im.getexif().get(0x0112)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return f"{path} (orientation {orientation})" if orientation not in (None, 1) else None
