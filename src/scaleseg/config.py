@@ -89,7 +89,8 @@ class DataConfig:
     root: str | None = None  # the extracted archive (or a prepared folder) of a file dataset
     train_split: str | None = None  # None: the dataset's own training split (e.g. trainaug for voc_aug)
     val_split: str | None = None  # None: the dataset's own evaluation split
-    on_bad_sample: Literal["error", "skip"] = "error"  # skip: leave bad samples out (training: the next good one), counted and logged
+    # skip: leave bad samples out (training takes the next good one), each counted and logged
+    on_bad_sample: Literal["error", "skip"] = "error"
     # LVIS repeat-factor sampling: an image is repeated r = max(1, sqrt(t / f_c)) times per epoch over its
     # rarest class c (f_c: fraction of train images containing c); null = off, LVIS uses t = 0.001
     repeat_factor_threshold: float | None = None

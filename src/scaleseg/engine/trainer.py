@@ -425,10 +425,11 @@ class Trainer:
         )
         skipped = results.get("skipped_samples", 0)
         if skipped:
-            self.log.warning(f"eval iter {iteration}: {skipped} bad val samples skipped, not scored (data.on_bad_sample=skip): "
-                             + "; ".join(results.get("skipped", [])))
+            self.log.warning(f"eval iter {iteration}: {skipped} bad val samples skipped, not scored "
+                             "(data.on_bad_sample=skip): " + "; ".join(results.get("skipped", [])))
         if scalars is not None:
-            scalars.write(json.dumps({"iter": iteration, "split": "val", **s, **({"skipped_samples": skipped} if skipped else {})}) + "\n")
+            extra = {"skipped_samples": skipped} if skipped else {}
+            scalars.write(json.dumps({"iter": iteration, "split": "val", **s, **extra}) + "\n")
             scalars.flush()
         if writer is not None:
             for k, v in s.items():
@@ -451,7 +452,8 @@ class Trainer:
         if distributed.is_enabled():  # the same keys in every process: the same model and skipped steps
             reduced = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device))
             sums = dict(zip(keys, (reduced / self.ctx.world_size).tolist()))
-            window["skipped_samples"] = int(distributed.all_reduce_sum(torch.tensor([window["skipped_samples"]], device=device)))
+            skipped = torch.tensor([window["skipped_samples"]], device=device)
+            window["skipped_samples"] = int(distributed.all_reduce_sum(skipped))  # bad samples, all processes
         terms = {k: sums[k] / good for k in keys} if good else {}
         elapsed = time.perf_counter() - window["start"]
         per_iter = elapsed / n
