@@ -81,7 +81,8 @@ def random_model(overrides, num_classes=40, seed=0):
 def save_model_checkpoint(model, overrides, path, num_classes=40):
     rng = np.random.default_rng(0)
     save_checkpoint({
-        "iteration": 7, "model": model.state_dict(), "config": load_config(None, overrides).to_dict(),
+        "iteration": 7, "model": model.state_dict(),
+        "config": load_config(None, [*overrides, f"data.num_classes={num_classes}"]).to_dict(),
         "num_classes": num_classes, "ignore_index": 255, "class_names": [f"class{i}" for i in range(num_classes)],
         "palette": torch.as_tensor(rng.integers(0, 256, (num_classes, 3), dtype=np.uint8)),
     }, path)

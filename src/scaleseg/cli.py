@@ -4,7 +4,7 @@
     scaleseg eval  WORK_DIR | CONFIG.yaml | CKPT.pth [key=value ...] [--checkpoint CKPT] [--out DIR]
     scaleseg predict CKPT.pth IMAGE_OR_FOLDER --out DIR [key=value ...] [--batch-size 8] [--workers 2]
     scaleseg export CKPT.pth --format onnx|safetensors [--out FILE] [--chunk-classes N] [--no-verify]
-    scaleseg prepare {cityscapes,voc-aug,ade20k-full,coco-lvis} ...
+    scaleseg prepare {cityscapes,voc-aug,ade20k-full,coco-lvis,pascal-context} ...
     scaleseg check-data [CONFIG.yaml] [key=value ...] [--splits train,val] [--no-progress]
     scaleseg bench memory ...
 
@@ -14,10 +14,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-from scaleseg.errors import ScalesegError
+from scaleseg.errors import ScalesegError, user_message
 from scaleseg.bench.memory import DEFAULT_CLASSES
 
 
@@ -70,6 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             results, meta["class_names"], out_dir,
             extra={"checkpoint": str(run.checkpoint_path), "iteration": ckpt.get("iteration")},
         )
+        for problem in results["skipped"]:
+            log.warning(f"skipped a bad val sample, not scored (data.on_bad_sample=skip): {problem}")
         log.info(format_table(results, meta["class_names"], show=args.show))
         log.info(f"wrote {json_path} and {csv_path}")
     return 0
@@ -365,15 +368,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# command -> the attribute holding its `key=value` overrides (for train and check-data: the positional list
+# that also holds the config file)
+_OVERRIDE_LISTS = {"train": "args", "check-data": "args", "eval": "overrides", "predict": "overrides",
+                   "export": "overrides", "analyze": "overrides"}
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # a dotted `key=value` override
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line, accepting `key=value` overrides anywhere on it (before, between or after the
+    --options): argparse stops filling a positional list at the first option, so what it leaves over is
+    appended to the command's override list. Unknown options stay errors (exit status 2)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--resume` takes an optional CKPT: an override right after it is an override, not a checkpoint
+    argv = ["--resume=" if a == "--resume" and _OVERRIDE.match(b) else a for a, b in zip(argv, [*argv[1:], ""])]
+    args, extras = parser.parse_known_args(argv)
+    target = _OVERRIDE_LISTS.get(args.command)
+    unknown = [e for e in extras if e.startswith("-") or target is None]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extras:
+        setattr(args, target, [*getattr(args, target), *extras])
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except ScalesegError as exc:
-        print(f"scaleseg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"scaleseg {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue a training run with --resume", file=sys.stderr)
+        if args.command == "prepare":
+            print(f"interrupted; finished files are kept: run the same `scaleseg prepare {args.dataset}` command "
+                  "again to continue where it stopped", file=sys.stderr)
+        elif args.command == "train":
+            print("interrupted; continue the run with --resume", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
 
 

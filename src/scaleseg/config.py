@@ -84,12 +84,13 @@ class DataConfig:
     # synthetic: the built-in generator; the others read a published layout under `root` (README, Datasets)
     dataset: Literal[
         "synthetic", "cityscapes", "voc", "voc_aug", "ade20k", "ade20k_full",
-        "cocostuff10k", "cocostuff164k", "coco_lvis", "folder",
+        "cocostuff10k", "cocostuff164k", "coco_lvis", "pascal_context", "folder",
     ] = "synthetic"
     root: str | None = None  # the extracted archive (or a prepared folder) of a file dataset
     train_split: str | None = None  # None: the dataset's own training split (e.g. trainaug for voc_aug)
     val_split: str | None = None  # None: the dataset's own evaluation split
-    on_bad_sample: Literal["error", "skip"] = "error"  # skip: replace a bad sample and warn with a count
+    # skip: leave bad samples out (training takes the next good one), each counted and logged
+    on_bad_sample: Literal["error", "skip"] = "error"
     # LVIS repeat-factor sampling: an image is repeated r = max(1, sqrt(t / f_c)) times per epoch over its
     # rarest class c (f_c: fraction of train images containing c); null = off, LVIS uses t = 0.001
     repeat_factor_threshold: float | None = None
@@ -248,6 +249,9 @@ class ModelConfig:
     backbone: str = "resnet_tiny"
     output_stride: Literal[8, 16, 32] = 16
     pretrained: str | None = None  # ImageNet state dict (.pth): torchvision's, or the official HRNet release
+    # refuse a pretrained file whose keys do not match the backbone's (another depth: resnet50 weights for
+    # resnet101 share every shape but leave layer3.6-22 random); false: load the matching keys, warn
+    pretrained_strict: bool = True
     backbone_bn_momentum: float = 0.01  # BatchNorm layers only (GroupNorm keeps no running statistics)
     # Norm layers of backbone, decoder and head. group: Group Normalization (Wu & He 2018; ESS Table 5 "GN"), per
     # image, so training works with 1-2 images per GPU (data.batch_size = 1 is allowed). ImageNet BN weights load

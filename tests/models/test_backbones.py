@@ -497,8 +497,10 @@ def test_partial_checkpoint_warns_and_reports(tmp_path, caplog) -> None:
     ckpt["extra.weight"] = torch.zeros(3)
     path = tmp_path / "partial.pth"
     torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="2 resnet_tiny keys are missing .*1 of its keys are unexpected"):
+        build_backbone("resnet_tiny", pretrained=path)  # strict by default
     with caplog.at_level(logging.WARNING, logger="scaleseg"):
-        model = build_backbone("resnet_tiny", pretrained=path)
+        model = build_backbone("resnet_tiny", pretrained=path, pretrained_strict=False)
     report = model.pretrained_report
     assert report.missing == ["layer4.0.conv2.weight", "layer4.0.bn2.weight"]
     assert report.unexpected == ["extra.weight"]

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from scaleseg.config import EvalConfig
+from scaleseg.data import skipped_samples
 from scaleseg.engine import distributed
 from scaleseg.engine.inference import predict_labels_with_counts
 from scaleseg.metrics import SegmentationMetrics
@@ -39,8 +40,12 @@ def evaluate(
     model.eval()
     metrics = SegmentationMetrics(num_classes, ignore_index)
     counts = model.head.empty_counts()  # the head's own tallies (SegmentationHead.dense_with_counts), zero
+    skipped: list[str] = []  # bad images (data.on_bad_sample=skip): counted, never scored
     try:
         for batch in tqdm(loader, desc="eval", unit="img", disable=not progress, leave=False, dynamic_ncols=True):
+            if skipped_samples(batch):
+                skipped += skipped_samples(batch)
+                continue
             images = batch["image"].to(device, non_blocking=True)
             target = batch["label"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -52,12 +57,15 @@ def evaluate(
         model.train(was_training)
     if distributed.is_enabled():  # each process saw its share of the images: add up the counts
         summed = distributed.all_reduce_sum(metrics.counts().to(device))
+        num_skipped = int(distributed.all_reduce_sum(torch.tensor([len(skipped)], device=device)))
         metrics.reset()
         metrics.merge_(summed)
         counts = {name: distributed.all_reduce_sum(counts[name].to(device)) for name in sorted(counts)}
     results = metrics.compute()
     results["head"] = model.head.summarize_counts({k: v.cpu() for k, v in counts.items()})
     results["head_lines"] = model.head.describe_counts(results["head"])
+    results["skipped_samples"] = num_skipped if distributed.is_enabled() else len(skipped)
+    results["skipped"] = skipped  # this process's, each naming its file
     return results
 
 
@@ -97,7 +105,8 @@ def write_results(results: dict, class_names: list[str], out_dir: Path, extra: d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "metrics.json"
-    json_path.write_text(json.dumps({**summary(results), **(extra or {})}, indent=2) + "\n")
+    skipped = {"skipped_samples": int(results.get("skipped_samples", 0))}  # bad images not scored (on_bad_sample=skip)
+    json_path.write_text(json.dumps({**summary(results), **skipped, **(extra or {})}, indent=2) + "\n")
     csv_path = out_dir / "per_class.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)

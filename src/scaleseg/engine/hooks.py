@@ -43,6 +43,7 @@ class StepResult:
     grad_norm: float | None = None  # the global gradient norm before clipping
     data_time: float = 0.0  # seconds spent waiting for batches
     step_time: float = 0.0  # seconds of the whole step (data, forward, backward, optimizer)
+    skipped_samples: int = 0  # bad samples replaced by the next good one (data.on_bad_sample=skip)
 
 
 class Hook:
@@ -119,6 +120,7 @@ class _Window:
     time: float = 0.0
     data: float = 0.0
     grad_norm: float = 0.0
+    skipped_samples: int = 0
     sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -136,6 +138,7 @@ class LogWriter(Hook):
         w.steps += 1
         w.time += step.step_time
         w.data += step.data_time
+        w.skipped_samples += step.skipped_samples
         if step.problem is None:
             w.good += 1
             w.grad_norm += step.grad_norm or 0.0
@@ -148,10 +151,11 @@ class LogWriter(Hook):
     def _write(self, iteration: int) -> None:
         t, w = self.trainer, self.window
         keys = sorted(w.sums)
-        sums = dict(w.sums)
+        sums, bad_samples = dict(w.sums), w.skipped_samples
         if distributed.is_enabled():  # the same keys in every process: the same model and skipped steps
             reduced = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=t.device))
             sums = dict(zip(keys, (reduced / t.ctx.world_size).tolist()))
+            bad_samples = int(distributed.all_reduce_sum(torch.tensor([bad_samples], device=t.device)))  # all processes
         terms = {k: sums[k] / w.good for k in keys} if w.good else {}
         per_iter = w.time / w.steps
         eta = per_iter * (t.cfg.train.iters - iteration)
@@ -170,6 +174,8 @@ class LogWriter(Hook):
             loss_text += f"  grad norm {grad_norm:.2f}"
         if w.good < w.steps:
             loss_text += f"  skipped steps {w.steps - w.good}"
+        if bad_samples:
+            loss_text += f"  skipped bad samples {bad_samples}"
         t.log.info(
             f"iter {iteration}/{t.cfg.train.iters}  lr {head_lr:.3e}  {loss_text}  time {per_iter:.3f}s/it "
             f"(data {w.data / w.steps:.3f}s)  eta {_hms(eta)}  peak mem {mem:.0f} MiB ({kind})"
@@ -180,6 +186,8 @@ class LogWriter(Hook):
             record["grad_norm"] = grad_norm
         if w.good < w.steps:
             record["skipped_steps"] = w.steps - w.good
+        if bad_samples:
+            record["skipped_samples"] = bad_samples
         t.records.write(record)
         t.records.scalars("train", {**terms, "lr": head_lr}, iteration)
 
@@ -202,7 +210,11 @@ class Evaluation(Hook):
         )
         s = summary(results)
         t.log.info(f"eval iter {step.iteration}: " + "  ".join(f"{k} {v if v is None else f'{v:.2f}'}" for k, v in s.items()))
-        t.records.write({"iter": step.iteration, "split": "val", **s})
+        skipped = results.get("skipped_samples", 0)
+        if skipped:
+            t.log.warning(f"eval iter {step.iteration}: {skipped} bad val samples skipped, not scored "
+                          "(data.on_bad_sample=skip): " + "; ".join(results.get("skipped", [])))
+        t.records.write({"iter": step.iteration, "split": "val", **s, **({"skipped_samples": skipped} if skipped else {})})
         t.records.scalars("val", {k: v for k, v in s.items() if v is not None}, step.iteration)
         if last:
             t.final_results = results

@@ -39,7 +39,7 @@ import torch
 
 import scaleseg
 from scaleseg.config import Config, save_config
-from scaleseg.data import build_dataset, build_eval_loader, build_train_loader
+from scaleseg.data import build_dataset, build_eval_loader, build_train_loader, log_skipped
 from scaleseg.engine import distributed
 from scaleseg.engine.checkpoint import (
     find_last_checkpoint,
@@ -222,7 +222,7 @@ class Trainer:
         set_poly_lr(optimizer, self.state.iteration, self.cfg.train.iters, self.cfg.optim.warmup_iters)
         # BatchNorm running statistics change in the forward pass: kept to undo a skipped step's
         buffers = [b.detach().clone() for b in model.buffers()]
-        terms, problem, data_time = self._accumulate()
+        terms, problem, data_time, skipped = self._accumulate()
         grad_norm = None
         if problem is None:
             if scaler.is_enabled():
@@ -243,19 +243,20 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         self.state.iteration = iteration
         self.state.samples_seen += self.per_step
-        return StepResult(iteration, terms, problem, grad_norm, data_time, time.perf_counter() - t0)
+        return StepResult(iteration, terms, problem, grad_norm, data_time, time.perf_counter() - t0, skipped)
 
-    def _accumulate(self) -> tuple[dict, str | None, float]:
-        """Forward and backward over train.grad_accum batches; -> (mean loss terms, None, data time), or
-        ({}, what was wrong, data time) as soon as any process's loss is NaN/inf (the step's remaining
-        batches are drawn but not used, so the sample stream stays aligned with the iteration count)."""
+    def _accumulate(self) -> tuple[dict, str | None, float, int]:
+        """Forward and backward over train.grad_accum batches; -> (mean loss terms, None, data time, bad
+        samples skipped), or ({}, what was wrong, ...) as soon as any process's loss is NaN/inf (the step's
+        remaining batches are drawn but not used, so the sample stream stays aligned with the iteration count)."""
         accum = self.cfg.train.grad_accum
         values: dict[str, float] = defaultdict(float)
-        data_time = 0.0
+        data_time, skipped = 0.0, 0
         for j in range(accum):
             t = time.perf_counter()
             batch = next(self.data_iter)
             data_time += time.perf_counter() - t
+            skipped += log_skipped(batch, self.log, "training")  # data.on_bad_sample=skip: replaced, counted
             images = batch["image"].to(self.device, non_blocking=True)  # (B, 3, h, w)
             labels = batch["label"].to(self.device, non_blocking=True)  # (B, h, w)
             # with several processes, gradients are all-reduced on the step's last batch only
@@ -271,11 +272,11 @@ class Trainer:
                     for _ in range(accum - 1 - j):
                         next(self.data_iter)
                     local = {k: float(v.detach()) for k, v in terms.items()}
-                    return {}, f"non-finite loss at batch {j + 1} of {accum} (this process: {local})", data_time
+                    return {}, f"non-finite loss at batch {j + 1} of {accum} (this process: {local})", data_time, skipped
                 self.scaler.scale(terms["loss"] / accum).backward()
             for k, v in terms.items():
                 values[k] += float(v.detach()) / accum
-        return dict(values), None, data_time
+        return dict(values), None, data_time, skipped
 
     # ---------------------------------------------------------------------------------------
     def _remove_unfinished_writes(self) -> None:

@@ -36,6 +36,7 @@ def build_model(cfg: ModelConfig, num_classes: int, ignore_index: int, backbone:
         backbone = build_backbone(
             cfg.backbone, output_stride=cfg.output_stride, pretrained=cfg.pretrained,
             bn_momentum=cfg.backbone_bn_momentum, norm_layer=norm(f"the backbone (model.backbone = {cfg.backbone})"),
+            pretrained_strict=cfg.pretrained_strict,
         )
     channels_in = feature_channels(backbone)  # stride 4 .. 32
     if cfg.decoder.type == "hrnet_fusion":

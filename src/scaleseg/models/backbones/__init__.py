@@ -43,7 +43,7 @@ from scaleseg.errors import ConfigError
 from .features import FeatureInfo
 from .hrnet import HRNet, hrnet_tiny, hrnetv2_w18, hrnetv2_w32, hrnetv2_w48
 from .mobilenetv2 import MobileNetV2, mobilenet_v2
-from .pretrained import LoadReport, load_pretrained
+from .pretrained import LoadReport, describe_weights, load_pretrained
 from .resnet import NormLayer, ResNet, resnet18, resnet34, resnet50, resnet101, resnet_tiny
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "MobileNetV2",
     "ResNet",
     "build_backbone",
+    "describe_weights",
     "hrnet_tiny",
     "hrnetv2_w18",
     "hrnetv2_w32",
@@ -92,15 +93,18 @@ def build_backbone(
     pretrained: str | os.PathLike[str] | None = None,
     bn_momentum: float | None = None,
     norm_layer: NormLayer | None = None,
+    pretrained_strict: bool = True,
 ) -> nn.Module:
     """Build the backbone ``name`` and optionally load a torchvision weight file into it.
 
-    The load report (or None) is kept as ``backbone.pretrained_report``; missing and
+    The load report (or None) is kept as ``backbone.pretrained_report``; a file whose keys do not
+    match the backbone's is refused unless ``pretrained_strict`` is false, when the missing and
     unexpected keys are logged at WARNING level on the "scaleseg" logger.
 
     Raises:
         ConfigError (a ValueError): unknown ``name`` or ``output_stride`` not 8, 16, 32.
-        CheckpointError: ``pretrained`` is missing, corrupt or for another architecture.
+        CheckpointError: ``pretrained`` is missing, corrupt or for another architecture (or,
+            with ``pretrained_strict``, another depth of the same one).
     """
     if name.startswith("timm:"):
         if norm_layer not in (None, nn.BatchNorm2d):
@@ -121,7 +125,7 @@ def build_backbone(
     )
     report = None
     if pretrained is not None:
-        report = load_pretrained(backbone, pretrained)
+        report = load_pretrained(backbone, pretrained, strict=pretrained_strict)
         _log_report(name, report)
     backbone.pretrained_report = report
     return backbone
@@ -129,9 +133,14 @@ def build_backbone(
 
 def _log_report(name: str, report: LoadReport) -> None:
     """Log what was loaded; missing and unexpected keys at WARNING level."""
+    head = len(report.ignored) - report.ignored_statistics
+    ignored = (
+        f"the classifier ({head}) and the BatchNorm statistics of the layers that are GroupNorm here "
+        f"({report.ignored_statistics})" if report.ignored_statistics else "the classifier"
+    )
     logger.info(
-        "%s: loaded %d tensors from %s (%d unused keys ignored: the classifier, and with GroupNorm the BN statistics)",
-        name, report.loaded, report.path, len(report.ignored),
+        "%s: loaded %d tensors from %s (%d unused keys ignored: %s)",
+        name, report.loaded, report.path, len(report.ignored), ignored,
     )
     for kind, keys in (("missing from", report.missing), ("unexpected in", report.unexpected)):
         if keys:
