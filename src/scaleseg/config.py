@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ import yaml
 from scaleseg.errors import ConfigError
 
 Size = tuple[int, int]  # (height, width); a single int in YAML means a square
+MAX_INT = 2**63 - 1  # the largest integer a config value may hold (int64)
+MAX_SEED = 2**32 - 1  # seeds: numpy takes 32 bits
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,6 +50,7 @@ class SyntheticConfig:
     boundary_ignore: int = 1
 
     def validate(self, key: str) -> None:
+        _seed(self.seed, f"{key}.seed")
         _positive(self.train_length, f"{key}.train_length")
         _positive(self.val_length, f"{key}.val_length")
         _positive_size(self.image_size, f"{key}.image_size")
@@ -366,6 +370,7 @@ class TrainConfig:
 
     def validate(self, key: str) -> None:
         _positive(self.iters, f"{key}.iters")
+        _seed(self.seed, f"{key}.seed")
         _positive(self.max_nonfinite_steps, f"{key}.max_nonfinite_steps")
         _positive(self.grad_accum, f"{key}.grad_accum")
         _positive(self.log_interval, f"{key}.log_interval")
@@ -609,16 +614,26 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} = {value!r}: expected an integer")
+        if not -MAX_INT <= value <= MAX_INT:  # every integer ends up in a C long somewhere (torch, numpy)
+            raise ConfigError(f"{key} = {value}: too large (at most {MAX_INT:,} in magnitude)")
         return value
     if tp is float:
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string, and "nan" too
             try:
                 value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} = {value!r}: expected a number")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            value = math.inf
+        # checked here, where every float of a file or an override passes, so that no float key is missed:
+        # NaN passes every `<` and `<=` of the range checks below, and inf passes "> 0"
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {value}: must be a finite number (not NaN or infinity)")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r}: expected a string")
@@ -650,6 +665,11 @@ def _to_plain(value: Any) -> Any:
 def _positive(value: int, key: str) -> None:
     if value <= 0:
         raise ConfigError(f"{key} = {value}: must be > 0")
+
+
+def _seed(value: int, key: str) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{key} = {value}: must be between 0 and {MAX_SEED} (a 32-bit seed)")
 
 
 def _positive_size(value: Size, key: str) -> None:
