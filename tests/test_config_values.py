@@ -57,14 +57,17 @@ def test_every_float_key_refuses_nan_and_inf(key, kind, bad):
     assert key in message and "finite" in message, message
 
 
-@pytest.mark.parametrize("item,pattern", [
+OUT_OF_RANGE = [
     ("train.seed=1099511627776", r"train.seed = 1099511627776: must be between 0 and 4294967295"),
     ("train.seed=-1", r"train.seed = -1: must be between 0 and 4294967295"),
     ("data.synthetic.seed=1099511627776", r"data.synthetic.seed = .*: must be between 0 and 4294967295"),
     ("train.iters=100000000000000000000000", r"train.iters = .*: too large"),
     ("train.seed=99999999999999999999", r"train.seed = .*: too large"),
     ("optim.lr=1e400", r"optim.lr = .*finite"),
-])
+]
+
+
+@pytest.mark.parametrize("item,pattern", OUT_OF_RANGE)
 def test_numbers_out_of_range_are_refused_by_key(item, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, [item])

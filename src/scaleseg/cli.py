@@ -35,12 +35,12 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 def cmd_train(args: argparse.Namespace) -> int:
     from scaleseg.config import load_config
-    from scaleseg.engine.trainer import Trainer
+    from scaleseg.engine.trainer import Trainer, default_work_dir
 
     config, overrides = _split_config_and_overrides(args.args)
     cfg = load_config(config, overrides)
     resume = True if args.resume == "" else (args.resume or False)
-    Trainer(cfg, work_dir=args.work_dir, resume=resume).run()
+    Trainer(cfg, work_dir=args.work_dir or default_work_dir(cfg, config), resume=resume).run()
     return 0
 
 
@@ -231,13 +231,28 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """`scaleseg --version`: this package's version and the PyTorch it runs on (without importing torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import scaleseg
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:  # pragma: no cover - torch is a requirement
+        torch_version = "not installed"
+    return f"scaleseg {scaleseg.__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (no arguments: the built-in synthetic default run)")
     p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help="a YAML config, then dotted overrides")
-    p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
+    p.add_argument("--work-dir", help="output folder (default: work_dirs/default without a config file, "
+                                      "work_dirs/<folder>_<stem> for CONFIG <folder>/<stem>.yaml)")
     p.add_argument(
         "--resume", nargs="?", const="", default=None, metavar="CKPT",
         help="continue from CKPT, or without a value from the work dir's last checkpoint",
@@ -365,6 +380,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+    """What Ctrl-C leaves behind, per command (training says which checkpoint to --resume from)."""
+    from scaleseg.engine.trainer import TrainingInterrupted
+
+    if isinstance(exc, TrainingInterrupted):
+        return str(exc)
+    if args.command == "train":
+        return "interrupted; continue the run with --resume"
+    if args.command == "predict":
+        return f"interrupted; the label maps already written in {args.out} are complete, run the command again for the rest"
+    if args.command == "prepare":
+        return "interrupted; finished files are kept: run the same command again to continue where it stopped"
+    return "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -372,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     except ScalesegError as exc:
         print(f"scaleseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue a training run with --resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"scaleseg {args.command}: {_interrupted(args, exc)}", file=sys.stderr)
         return 130
 
 

@@ -408,7 +408,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    work_dir: str | None = None  # default: work_dirs/<config file stem>, or work_dirs/default
+    work_dir: str | None = None  # default: work_dirs/default, or work_dirs/<folder>_<stem> of the config file
     name: str = "default"  # run name, set from the config file's stem when loaded from a file
 
     def validate(self) -> "Config":
@@ -447,7 +447,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         name = path.stem
     raw = apply_overrides(raw, overrides or [])
     raw.setdefault("name", name)
+    _classes_from_folder(raw)
     return config_from_dict(raw)
+
+
+def _classes_from_folder(raw: dict[str, Any]) -> None:
+    """The folder dataset names its classes in classes.txt: data.num_classes defaults to their count."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or data.get("dataset") != "folder" or "num_classes" in data or not data.get("root"):
+        return
+    classes = Path(str(data["root"])).expanduser() / "classes.txt"
+    if classes.is_file():
+        from scaleseg.data.datasets.folder import read_class_names
+
+        data["num_classes"] = len(read_class_names(classes))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -480,8 +493,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def config_yaml(cfg: Config) -> str:
+    """The config as the YAML text of a file `load_config` reads back."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
 
 
 def _read_yaml_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:

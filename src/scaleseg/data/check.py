@@ -106,6 +106,9 @@ def check_dataset(
     )
     if isinstance(dataset, FileSegmentation):
         report.problems += _missing_files(dataset, split)
+        # samples a dataset could not even pair (the folder dataset: two files of one name)
+        report.problems += [Problem(split, name, files, message) for name, files, message in
+                            getattr(dataset, "listing_problems", ())]
         report.num_samples += len({p.sample for p in report.problems})
     loader = DataLoader(
         _Checked(dataset), batch_size=None, num_workers=num_workers, collate_fn=_identity, generator=torch.Generator()
@@ -262,7 +265,10 @@ def _missing_files(dataset, split: str) -> list[Problem]:
     """Listed samples that the (skip-mode) dataset dropped because a file does not exist."""
     kept = set(dataset.samples)
     problems = []
-    for sample in dataset.list_samples():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # listed again: its warnings were shown (or ignored) when it was built
+        listed = dataset.list_samples()
+    for sample in listed:
         if sample in kept:
             continue
         for kind, path in (("image", sample.image), ("label", sample.label)):
