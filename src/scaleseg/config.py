@@ -227,7 +227,7 @@ class HeadConfig:
 
     structure: Literal["single", "pyramid"] = "single"
     scorer: Literal["linear", "embedding"] = "linear"
-    # full: scores bilinearly upsampled to the crop (the paper); decoder: labels nearest-downsampled to the
+    # full: scores bilinearly upsampled to the crop (the paper); decoder: labels downsampled (each cell's majority) to the
     # stride-4 score grid (16x fewer pixels). The default run uses decoder: the linear scorer's 1000 x H x W
     # upsampled logits cost ~2.4 s of a 2.6 s CPU step at full resolution.
     loss_resolution: Literal["full", "decoder"] = "decoder"
