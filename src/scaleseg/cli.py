@@ -48,12 +48,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from scaleseg.data import build_dataset, build_eval_loader
     from scaleseg.engine.checkpoint import resolve_run
     from scaleseg.engine.evaluator import evaluate, format_table, write_results
-    from scaleseg.engine.runtime import amp_dtype, log_to, select_device
+    from scaleseg.engine.runtime import amp_dtype, log_to, select_device, show_progress
     from scaleseg.engine.trainer import dataset_meta
+    from scaleseg.engine.workdir import check_writable
 
     run = resolve_run(args.target, args.overrides, args.checkpoint)
     cfg, ckpt = run.cfg, run.checkpoint
     out_dir = Path(args.out) if args.out else run.eval_dir
+    check_writable(out_dir, "the output folder")  # before a long evaluation, not after it
     with log_to(None) as log:
         device = select_device(cfg.train.device)
         dataset = build_dataset(cfg.data, "val")
@@ -64,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         loader = build_eval_loader(cfg.data, dataset, meta["ignore_index"])
         results = evaluate(
             model, loader, meta["num_classes"], meta["ignore_index"], cfg.eval, device,
-            amp_dtype(cfg.train, device), progress=not args.no_progress,
+            amp_dtype(cfg.train, device), progress=show_progress(not args.no_progress),
         )
         json_path, csv_path = write_results(
             results, meta["class_names"], out_dir,
@@ -90,7 +92,9 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         raise ScalesegError(f"--splits {args.splits!r} names no split; e.g. --splits train,val")
     if args.workers is not None and args.workers < 0:
         raise ScalesegError(f"--workers {args.workers}: must be >= 0")
-    reports = check_config(cfg.data, splits, progress=not args.no_progress, num_workers=args.workers)
+    from scaleseg.engine.runtime import show_progress
+
+    reports = check_config(cfg.data, splits, progress=show_progress(not args.no_progress), num_workers=args.workers)
     print(format_report(reports))
     for r in reports:
         if r.num_classes and r.num_classes != cfg.data.num_classes:
