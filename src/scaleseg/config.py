@@ -360,7 +360,7 @@ class TrainConfig:
     checkpoint_interval: int = 600
     keep_checkpoints: int = 2  # iter_*.pth kept besides best.pth; 0 keeps all
     tensorboard: bool = False
-    progress: bool = True  # tqdm progress bar with ETA on stderr
+    progress: bool = True  # tqdm progress bar with ETA on stderr, when stderr is a terminal
     # under torchrun (several processes): BatchNorm statistics over the whole batch of all processes
     # (SyncBatchNorm); false keeps each process's own. A single process always uses plain BatchNorm.
     sync_bn: bool = True
