@@ -276,7 +276,7 @@ def _start(tmp_path: Path, work: Path, plan: str, *extra: str, marker_name: str 
     marker = tmp_path / marker_name
     child = subprocess.Popen(
         [sys.executable, str(CHILD), str(marker), plan, "train", *RUN, *extra, "--work-dir", str(work)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
     )
     return child, marker
@@ -328,10 +328,11 @@ def test_a_second_training_is_refused_and_a_killed_runs_lock_taken_over(tmp_path
 
 def test_ctrl_c_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, uninterrupted):
     work = tmp_path / "run"
-    child, marker = _start(tmp_path, work, "wait:3")
+    # with DataLoader workers, which get the Ctrl-C too (the same process group) and must not die of it
+    child, marker = _start(tmp_path, work, "wait:3", "data.num_workers=2")
     try:
         assert _wait_for(child, marker)
-        child.send_signal(signal.SIGINT)  # inside iteration 3: the run finishes it, saves, stops
+        os.killpg(child.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the process and its loader workers
         time.sleep(0.2)
         Path(str(marker) + ".go").touch()
         assert child.wait(timeout=120) == 130

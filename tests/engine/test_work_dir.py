@@ -189,3 +189,19 @@ def test_tensorboard_steps_are_not_repeated_after_a_resume(tmp_path, monkeypatch
     assert steps == [1, 2, 3, 4, 5, 6]
     rows = [json.loads(line) for line in (work / "scalars.jsonl").read_text().splitlines()]
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows if r["split"] == "train"])
+
+
+def test_resume_ckpt_into_another_runs_work_dir_is_refused(tmp_path):
+    from scaleseg.engine.workdir import WorkDirError
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    cfg = load_config(None, [*RUN, "train.iters=2"])
+    Trainer(cfg, work_dir=a).run()
+    Trainer(cfg, work_dir=b).run()
+    before = snapshot(a)
+    longer = load_config(None, [*RUN, "train.iters=4"])
+    with pytest.raises(WorkDirError, match=r"--resume .*iter_000002.pth: the work dir .*a holds another run"):
+        Trainer(longer, work_dir=a, resume=b / "iter_000002.pth").run()
+    assert snapshot(a) == before
+    Trainer(longer, work_dir=a, resume=a / "iter_000002.pth").run()  # its own checkpoint: fine
+    assert (a / "iter_000004.pth").exists()

@@ -191,14 +191,17 @@ class Trainer:
 
     def _train(self) -> dict:
         hooks = self.hooks if self.hooks is not None else default_hooks(self.cfg, self.is_main)
-        try:
-            self._setup()
-            for hook in hooks:
-                hook.trainer = self
-                hook.before_train()
-            if self.state.iteration < self.cfg.train.iters:
-                with _StopOnInterrupt(self.ctx) as stop:
+        # installed before the DataLoader workers are forked, so that they ignore Ctrl-C (the main process
+        # stops them); until the first iteration Ctrl-C interrupts at once, as usual
+        with _StopOnInterrupt(self.ctx) as stop:
+            try:
+                self._setup()
+                for hook in hooks:
+                    hook.trainer = self
+                    hook.before_train()
+                if self.state.iteration < self.cfg.train.iters:
                     self.model.train()
+                    stop.deferred = True
                     try:
                         while self.state.iteration < self.cfg.train.iters:
                             step = self.run_step()
@@ -210,15 +213,16 @@ class Trainer:
                         if isinstance(exc, TrainingInterrupted):
                             raise
                         raise TrainingInterrupted(self._interrupted_message()) from None
-            else:  # resumed from the final checkpoint of a run killed before its final report
-                self.final_results = self.evaluate()
-            for hook in hooks:
-                hook.after_train()
-        finally:
-            for hook in hooks:
-                hook.close()
-            if self.records is not None:
-                self.records.close()
+                    stop.deferred = False
+                else:  # resumed from the final checkpoint of a run killed before its final report
+                    self.final_results = self.evaluate()
+                for hook in hooks:
+                    hook.after_train()
+            finally:
+                for hook in hooks:
+                    hook.close()
+                if self.records is not None:
+                    self.records.close()
         return summary(self.final_results)
 
     def _prepare_work_dir(self) -> None:
@@ -465,7 +469,9 @@ class Trainer:
             return None, None
         if self.resume is not True:
             path = Path(self.resume)
-            return path, load_checkpoint(path)
+            ckpt = load_checkpoint(path)
+            self._refuse_another_runs_work_dir(path, ckpt)
+            return path, ckpt
         candidates: list[Path] = []
         try:
             pointed = find_last_checkpoint(self.work_dir)
@@ -502,6 +508,25 @@ class Trainer:
                 f"{LAST_POINTER} does not say which is this run's; give the one to continue with --resume CKPT"
             )
         return loaded[0]
+
+    def _refuse_another_runs_work_dir(self, path: Path, ckpt: dict) -> None:
+        """`--resume CKPT` into a work dir that holds another run would mix the two runs' files (pruning is
+        safe, but last_checkpoint and best.pth are one per work dir)."""
+        try:
+            pointed = find_last_checkpoint(self.work_dir)
+        except CheckpointError:
+            return
+        if pointed is None or pointed.resolve() == path.expanduser().resolve():
+            return
+        try:
+            theirs = load_checkpoint(pointed).get("run_id")
+        except CheckpointError:
+            return
+        if theirs is not None and theirs != ckpt.get("run_id"):
+            raise WorkDirError(
+                f"--resume {path}: the work dir {self.work_dir} holds another run (its last checkpoint is "
+                f"{pointed.name}); continue {path.name} in its own work dir or in a new one with --work-dir"
+            )
 
     def _check_same_run(self, path: Path, ckpt: dict) -> None:
         """A resume continues the run the checkpoint belongs to: the same model and classes (else refused,
@@ -679,6 +704,7 @@ class _StopOnInterrupt:
     def __init__(self, ctx) -> None:
         self.ctx = ctx
         self.flag = False
+        self.deferred = False  # True while iterating: Ctrl-C asks for a stop after the iteration
         self.previous = None
         self.pid = os.getpid()
 
@@ -694,7 +720,7 @@ class _StopOnInterrupt:
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:  # a forked DataLoader worker: the main process decides
             return
-        if self.flag:
+        if self.flag or not self.deferred:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.flag = True
