@@ -280,12 +280,12 @@ class Trainer:
         """Ctrl-C arrived during the iteration just done: write a checkpoint at it and stop."""
         iteration = self.state.iteration
         last = None
-        with contextlib.suppress(CheckpointError):
-            last = find_last_checkpoint(self.work_dir) if self.is_main else None
-        if last is None or _iteration_of(last) != iteration:
-            path = self.save_checkpoint()
-        else:
-            path = last
+        if self.is_main:
+            with contextlib.suppress(CheckpointError):
+                last = find_last_checkpoint(self.work_dir)
+        # every process must agree (saving gathers the RNG states of all)
+        written = distributed.all_gather_objects(last is not None and _iteration_of(last) == iteration)[0]
+        path = last if written else self.save_checkpoint()
         raise TrainingInterrupted(
             f"interrupted (Ctrl-C): stopped after iteration {iteration} of {self.cfg.train.iters} and saved "
             f"{path}; run the same command with --resume to continue from it"
@@ -484,7 +484,8 @@ class Trainer:
         if not candidates:
             self.log.info(f"--resume: no checkpoint in {self.work_dir} yet, starting from scratch")
             return None, None
-        loaded: list[tuple[Path, dict]] = []
+        newest: tuple[Path, dict] | None = None
+        runs: list[tuple[Path, object]] = []  # (checkpoint, its run_id) of every checkpoint that loads
         for path in candidates:
             try:
                 ckpt = load_checkpoint(path)
@@ -493,21 +494,23 @@ class Trainer:
                 continue
             if path == pointed:  # the run's own newest: the common case, nothing else is read
                 return path, ckpt
-            loaded.append((path, ckpt))
-        if not loaded:
+            runs.append((path, ckpt.get("run_id")))
+            if newest is None:
+                newest = (path, ckpt)
+            del ckpt  # only the newest is kept in memory
+        if newest is None:
             raise CheckpointError(
                 f"--resume: none of the checkpoints in {self.work_dir} can be read "
                 f"({', '.join(p.name for p in candidates)}); start a new run in another work dir"
             )
         # no usable last_checkpoint: the newest that loads, provided every checkpoint there is of one run
-        runs = {ckpt.get("run_id") for _, ckpt in loaded}
-        if len(runs) > 1:
-            listing = ", ".join(f"{p.name} (run {str(c.get('run_id'))[:8]})" for p, c in loaded)
+        if len({run for _, run in runs}) > 1:
+            listing = ", ".join(f"{p.name} (run {str(run)[:8]})" for p, run in runs)
             raise CheckpointError(
-                f"--resume: the checkpoints in {self.work_dir} belong to {len(runs)} runs ({listing}) and "
-                f"{LAST_POINTER} does not say which is this run's; give the one to continue with --resume CKPT"
+                f"--resume: the checkpoints in {self.work_dir} belong to {len({r for _, r in runs})} runs ({listing}) "
+                f"and {LAST_POINTER} does not say which is this run's; give the one to continue with --resume CKPT"
             )
-        return loaded[0]
+        return newest
 
     def _refuse_another_runs_work_dir(self, path: Path, ckpt: dict) -> None:
         """`--resume CKPT` into a work dir that holds another run would mix the two runs' files (pruning is
