@@ -239,12 +239,17 @@ class HeadConfig:
         self.pyramid.validate(f"{key}.pyramid")
 
 
+BACKBONE_NAMES = (
+    "resnet_tiny", "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2",
+    "hrnet_tiny", "hrnetv2_w18", "hrnetv2_w32", "hrnetv2_w48",
+)
+TIMM_PREFIX = "timm:"  # model.backbone=timm:<name>: a timm encoder through its features_only interface
+
+
 @dataclass
 class ModelConfig:
-    backbone: Literal[
-        "resnet_tiny", "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2",
-        "hrnet_tiny", "hrnetv2_w18", "hrnetv2_w32", "hrnetv2_w48",
-    ] = "resnet_tiny"
+    # one of BACKBONE_NAMES (torchvision / official HRNet parameter names), or timm:<name> (needs timm)
+    backbone: str = "resnet_tiny"
     output_stride: Literal[8, 16, 32] = 16
     pretrained: str | None = None  # ImageNet state dict (.pth): torchvision's, or the official HRNet release
     backbone_bn_momentum: float = 0.01  # BatchNorm layers only (GroupNorm keeps no running statistics)
@@ -257,6 +262,17 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
 
     def validate(self, key: str) -> None:
+        timm = self.backbone.startswith(TIMM_PREFIX)
+        if self.backbone not in BACKBONE_NAMES and not (timm and len(self.backbone) > len(TIMM_PREFIX)):
+            close = difflib.get_close_matches(self.backbone, BACKBONE_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{key}.backbone = {self.backbone!r} is not allowed; choose one of "
+                f"{', '.join(repr(n) for n in BACKBONE_NAMES)}, or 'timm:<name>' for a timm encoder{hint}"
+            )
+        if timm and self.norm == "group":
+            raise ConfigError(f"{key}.norm = group replaces our backbones' norm layers; a timm encoder "
+                              f"({self.backbone}) keeps its own: use {key}.norm=batch")
         if self.pretrained is not None and not Path(self.pretrained).expanduser().is_file():
             raise ConfigError(
                 f"{key}.pretrained = {self.pretrained!r}: no such file. Give the path of an ImageNet state dict "

@@ -43,7 +43,7 @@ def test_training_run_writes_the_work_dir(tmp_path, tiny_overrides):
     work = tmp_path / "run"
     cfg = load_config(None, tiny_overrides + ["train.iters=12", "train.eval_interval=6"])
     result = Trainer(cfg, work_dir=work).run()
-    assert set(result) == {"mIoU", "aAcc", "mAcc", "fwIoU"}
+    assert set(result) == {"mIoU", "aAcc", "mAcc", "fwIoU", "mDice", "mFscore", "mPrecision", "mRecall"}
     train_rows, val_rows = read_scalars(work)
     assert [r["iter"] for r in train_rows] == list(range(1, 13))
     assert [r["iter"] for r in val_rows] == [6, 12]

@@ -17,7 +17,8 @@ from scaleseg.engine import distributed
 from scaleseg.engine.inference import predict_labels_with_counts
 from scaleseg.metrics import SegmentationMetrics
 
-SUMMARY_KEYS = ("mIoU", "aAcc", "mAcc", "fwIoU")
+SUMMARY_KEYS = ("mIoU", "aAcc", "mAcc", "fwIoU", "mDice", "mFscore", "mPrecision", "mRecall")
+PER_CLASS_KEYS = ("IoU", "Acc", "Dice", "Precision", "Recall", "Fscore")
 
 
 @torch.no_grad()
@@ -73,7 +74,9 @@ def summary(results: dict) -> dict[str, float]:
 def format_table(results: dict, class_names: list[str], show: int = 10) -> str:
     """A console summary: the four metrics, then the per-class IoU of the `show` most frequent classes."""
     s = summary(results)
-    lines = ["  ".join(f"{k:>6}" for k in SUMMARY_KEYS), "  ".join(f"{_pct(s[k]):>6}" for k in SUMMARY_KEYS)]
+    widths = [max(6, len(k)) for k in SUMMARY_KEYS]
+    lines = ["  ".join(f"{k:>{w}}" for k, w in zip(SUMMARY_KEYS, widths)),
+             "  ".join(f"{_pct(s[k]):>{w}}" for k, w in zip(SUMMARY_KEYS, widths))]
     label_area = results["label_area"]
     present = int((label_area > 0).sum())
     lines.append(f"classes present in the labels: {present} of {len(class_names)}")
@@ -91,8 +94,8 @@ def format_table(results: dict, class_names: list[str], show: int = 10) -> str:
 
 
 def write_results(results: dict, class_names: list[str], out_dir: Path, extra: dict | None = None) -> tuple[Path, Path]:
-    """metrics.json (summary in percent + `extra`) and per_class.csv (every class; IoU and Acc in percent,
-    as the console and metrics.json) in `out_dir`, each written atomically."""
+    """metrics.json (summary in percent + `extra`) and per_class.csv (every class; IoU, Acc, Dice, ... in
+    percent, as the console and metrics.json) in `out_dir`, each written atomically."""
     from scaleseg.engine.checkpoint import write_text_atomic
     from scaleseg.engine.workdir import WriteFailed
 
@@ -106,18 +109,11 @@ def write_results(results: dict, class_names: list[str], out_dir: Path, extra: d
     csv_path = out_dir / "per_class.csv"
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow(["class_id", "name", "IoU", "Acc", "intersection", "pred_area", "label_area"])
+    writer.writerow(["class_id", "name", *PER_CLASS_KEYS, "intersection", "pred_area", "label_area"])
     for i, name in enumerate(class_names):
         writer.writerow(
-            [
-                i,
-                name,
-                _csv_percent(results["IoU"][i]),
-                _csv_percent(results["Acc"][i]),
-                int(results["intersection"][i]),
-                int(results["pred_area"][i]),
-                int(results["label_area"][i]),
-            ]
+            [i, name, *(_csv_percent(results[k][i]) for k in PER_CLASS_KEYS)]
+            + [int(results[k][i]) for k in ("intersection", "pred_area", "label_area")]
         )
     write_text_atomic(csv_path, text.getvalue())
     return json_path, csv_path

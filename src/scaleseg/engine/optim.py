@@ -60,7 +60,10 @@ def poly_factor(iteration: int, total: int, power: float, warmup: int = 0) -> fl
     return factor
 
 
-def set_poly_lr(optimizer: torch.optim.Optimizer, iteration: int, total: int, warmup: int = 0) -> None:
-    """Set every group's LR for 0-based `iteration` of `total` (the LR used by that step)."""
+def set_poly_lr(optimizer: torch.optim.Optimizer, iteration: int, total: int, warmup: int = 0, power: float = 0.9) -> None:
+    """Set every group's LR for 0-based `iteration` of `total` (the LR used by that step): its "initial_lr"
+    (taken from its "lr" at the first call if it has none) times the poly factor of its "poly_power"
+    (`power` for a group without one, e.g. one of any torch optimizer)."""
     for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * poly_factor(iteration, total, group["poly_power"], warmup)
+        initial = group.setdefault("initial_lr", group["lr"])
+        group["lr"] = initial * poly_factor(iteration, total, group.get("poly_power", power), warmup)

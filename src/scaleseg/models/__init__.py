@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from scaleseg.config import ModelConfig
+from scaleseg.errors import ConfigError
 from scaleseg.models.backbones import build_backbone
 from scaleseg.models.decoders import DeepLabV3PlusDecoder, HRNetFusionDecoder, default_aspp_dilations
 from scaleseg.models.heads import build_head
@@ -16,20 +19,25 @@ DECODER_WIDTHS = {"resnet_tiny": (64, 24)}
 PUBLISHED_DECODER_WIDTHS = (256, 48)
 
 
-def build_model(cfg: ModelConfig, num_classes: int, ignore_index: int) -> Segmentor:
+def build_model(cfg: ModelConfig, num_classes: int, ignore_index: int, backbone: nn.Module | None = None) -> Segmentor:
     """Backbone, decoder and head, every norm layer as `cfg.norm` says (BatchNorm, or GroupNorm with
     `cfg.group_norm_channels` channels per group; `backbone_bn_momentum` applies to BatchNorm only).
+
+    `backbone`: any module to use instead of `cfg.backbone` that returns the four maps at strides 4-32
+    and has a `feature_info` with `channels()` (ours, a timm `features_only` model, or yours; see
+    models/backbones/features.py); `cfg.pretrained` does not apply to it.
 
     Raises ConfigError if a GroupNorm group size does not divide a layer's width (naming the part)."""
 
     def norm(where: str):
         return make_norm(cfg.norm, cfg.group_norm_channels, where)
 
-    backbone = build_backbone(
-        cfg.backbone, output_stride=cfg.output_stride, pretrained=cfg.pretrained, bn_momentum=cfg.backbone_bn_momentum,
-        norm_layer=norm(f"the backbone (model.backbone = {cfg.backbone})"),
-    )
-    channels_in = backbone.feature_info.channels()  # stride 4 .. 32
+    if backbone is None:
+        backbone = build_backbone(
+            cfg.backbone, output_stride=cfg.output_stride, pretrained=cfg.pretrained,
+            bn_momentum=cfg.backbone_bn_momentum, norm_layer=norm(f"the backbone (model.backbone = {cfg.backbone})"),
+        )
+    channels_in = feature_channels(backbone)  # stride 4 .. 32
     if cfg.decoder.type == "hrnet_fusion":
         # HRNet stages are already the fusion widths; a ResNet's are reduced to them (S&F section 5.1.2)
         reduce_to = None if cfg.backbone.startswith("hrnet") else cfg.decoder.fusion_channels
@@ -52,4 +60,16 @@ def build_model(cfg: ModelConfig, num_classes: int, ignore_index: int) -> Segmen
     return Segmentor(backbone, decoder, head)
 
 
-__all__ = ["build_model", "Segmentor"]
+def feature_channels(backbone: nn.Module) -> list[int]:
+    """The channels of a backbone's four maps (its `feature_info`), or an error saying what is missing."""
+    info = getattr(backbone, "feature_info", None)  # a user's module may lack it: say so, not AttributeError
+    channels = list(info.channels()) if info is not None and hasattr(info, "channels") else None
+    if channels is None or len(channels) != 4:
+        raise ConfigError(
+            f"the backbone {type(backbone).__name__} needs a feature_info with channels() of its four maps at strides "
+            f"4, 8, 16, 32 (got {channels}); set backbone.feature_info = scaleseg.FeatureInfo(channels, [4, 8, 16, 32])"
+        )
+    return channels
+
+
+__all__ = ["build_model", "feature_channels", "Segmentor"]

@@ -54,9 +54,15 @@ class Segmentor(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, chunk_classes: int | None = None) -> torch.Tensor:
         """Class ids (B, H, W) of normalised images (B, 3, H, W): one view, the whole image, in bounded
-        memory (nothing of C x H x W with the embedding scorer). What the ONNX export traces.
-        Windows, scales and flips: `scaleseg.engine.inference.predict_labels`."""
-        return self.decide(self.dense(images), chunk_classes)
+        memory (nothing of C x H x W with the embedding scorer), in eval mode (a model in training mode
+        is switched for the call and back). What the ONNX export traces. Windows, scales and flips:
+        `scaleseg.predict_labels`."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.decide(self.dense(images), chunk_classes)
+        finally:
+            self.train(was_training)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Every parameter under the name of its optimizer group (backbone, decoder, and the head's:

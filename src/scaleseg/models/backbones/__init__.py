@@ -102,6 +102,14 @@ def build_backbone(
         ConfigError (a ValueError): unknown ``name`` or ``output_stride`` not 8, 16, 32.
         CheckpointError: ``pretrained`` is missing, corrupt or for another architecture.
     """
+    if name.startswith("timm:"):
+        if norm_layer not in (None, nn.BatchNorm2d):
+            raise ConfigError(f"a timm encoder ({name}) keeps its own norm layers; model.norm=group needs our backbones")
+        from .timm_encoder import TimmEncoder
+
+        backbone = TimmEncoder(name.removeprefix("timm:"), output_stride, pretrained, bn_momentum)
+        backbone.pretrained_report = None
+        return backbone
     if name not in BACKBONES:
         raise ConfigError(
             f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}"
