@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -158,9 +159,9 @@ class EmbeddingConfig:
     """The ESS embedding scorer (used when model.head.scorer is embedding)."""
 
     embed_dim: int = 12  # d: channels of the pixel embedding and width of the class table
-    num_neighbours: int = 7  # k: negatives per pixel in the kNN loss (Eq. 6)
+    num_neighbours: int = 7  # k: negatives per pixel in the kNN loss (ESS Eq. 6)
     temperature: float = 0.05  # tau
-    margin: float = 0.2  # m of the max-margin regulariser (Eq. 7)
+    margin: float = 0.2  # m of the max-margin regulariser (ESS Eq. 7)
     margin_weight: float = 1.0  # 0 turns the regulariser off (the ablation)
     negatives: Literal["nearest", "random"] = "nearest"
     distance: Literal["squared", "euclidean"] = "squared"  # euclidean = the published code's -20 ||x - mu||
@@ -171,20 +172,37 @@ class EmbeddingConfig:
     embedding_momentum: float = 0.95  # the class table's own optimizer group (ESS supplementary A)
     embedding_poly_power: float = 0.95
     embedding_lr_mult: float = 1.0  # the class table's LR as a multiple of optim.lr
+    # Cheaper hard negatives (ESS supplementary C); docs/benchmarks.md has their cost and accuracy.
+    search_block: int = 1  # s: one nearest-class search per s x s block of loss pixels, shared by them
+    search_index: Literal["exact", "ivf", "auto"] = "auto"  # ivf: approximate k-means index; auto: ivf
+    index_min_classes: int = 50_000  # ... from this many classes on
+    index_clusters: int = 0  # clusters of the index; 0 = round(sqrt(C))
+    index_probes: int = 8  # clusters searched per query
+    index_refresh: int = 100  # training steps between k-means refreshes of the index
+    margin_refresh: int = 100  # steps between refreshes of the regulariser's cached pairs (1: exact ESS Eq. 7)
+    margin_candidates: int = 1  # cached nearest other classes per class; the hinge takes the nearest
+    full_implementation: Literal["auto", "linear", "tiled"] = "auto"  # exact loss: PyTorch's chunked linear CE or ours
 
     def validate(self, key: str) -> None:
-        _positive(self.embed_dim, f"{key}.embed_dim")
-        _positive(self.num_neighbours, f"{key}.num_neighbours")
+        for name in ("embed_dim", "num_neighbours", "search_budget_mb", "search_block", "index_probes",
+                     "index_refresh", "margin_refresh", "margin_candidates", "index_min_classes"):
+            _positive(getattr(self, name), f"{key}.{name}")
+        if self.index_clusters < 0:
+            raise ConfigError(f"{key}.index_clusters = {self.index_clusters}: must be >= 0 (0 = round(sqrt(C)))")
+        for name in ("temperature", "margin", "margin_weight", "embedding_momentum", "embedding_poly_power",
+                     "embedding_lr_mult"):
+            _finite(getattr(self, name), f"{key}.{name}")
         if self.temperature <= 0:
             raise ConfigError(f"{key}.temperature = {self.temperature}: must be > 0")
         if self.margin < 0 or self.margin_weight < 0:
             raise ConfigError(f"{key}.margin and {key}.margin_weight must be >= 0")
-        _positive(self.search_budget_mb, f"{key}.search_budget_mb")
         _in_range(self.embedding_momentum, 0.0, 1.0, f"{key}.embedding_momentum", high_open=True)
         if self.embedding_lr_mult <= 0:
             raise ConfigError(f"{key}.embedding_lr_mult = {self.embedding_lr_mult}: must be > 0")
         if self.embedding_poly_power < 0:
             raise ConfigError(f"{key}.embedding_poly_power = {self.embedding_poly_power}: must be >= 0")
+        if self.full_implementation == "linear" and self.distance != "squared":
+            raise ConfigError(f"{key}.full_implementation = linear needs {key}.distance = squared; use auto or tiled")
 
 
 @dataclass
@@ -589,6 +607,11 @@ def _to_plain(value: Any) -> Any:
 def _positive(value: int, key: str) -> None:
     if value <= 0:
         raise ConfigError(f"{key} = {value}: must be > 0")
+
+
+def _finite(value: float, key: str) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} = {value}: must be a finite number")
 
 
 def _positive_size(value: Size, key: str) -> None:

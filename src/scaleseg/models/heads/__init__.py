@@ -33,6 +33,15 @@ def build_scorer(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_ind
         embedding_momentum=e.embedding_momentum,
         embedding_poly_power=e.embedding_poly_power,
         embedding_lr_mult=e.embedding_lr_mult,
+        search_block=e.search_block,
+        search_index=e.search_index,
+        index_min_classes=e.index_min_classes,
+        index_clusters=e.index_clusters,
+        index_probes=e.index_probes,
+        index_refresh=e.index_refresh,
+        margin_refresh=e.margin_refresh,
+        margin_candidates=e.margin_candidates,
+        full_implementation=e.full_implementation,
     )
 
 
@@ -46,6 +55,8 @@ def build_pyramid(
     if cfg.scorer == "embedding":
         for scorer in scorers[1:]:
             scorer.class_embeddings = scorers[0].class_embeddings  # the same nn.Parameter
+            # ... and the state derived from it (stepped by the regularising level 0)
+            scorer.class_index, scorer.margin_cache = scorers[0].class_index, scorers[0].margin_cache
     return PyramidHead(
         scorers,
         in_channels,
