@@ -193,3 +193,37 @@ def test_report_with_failures_still_renders(tiny_report, tmp_path):
     assert "| 50 | 256 | | | KILLED |" + " |" * 5 in md
     speed.plot(report, tmp_path / "speed.png")
     assert (tmp_path / "speed.png").stat().st_size > 0
+
+
+def test_rounds_pool_the_samples_and_head_limits_skip(tmp_path, monkeypatch):
+    """--rounds 2 runs every job twice, round by round (A B A B), pooling the timed samples;
+    ess-knn@10 is not run at C = 50 ('–' in the tables)."""
+    order = []
+
+    def fake(job):
+        order.append((job.get("head", "search"), job["num_classes"]))
+        if job["kind"] == "knn":
+            return {"status": "skipped"}
+        base = 0.1 * len(order)
+        parts = {p: {"samples": [base, base + 0.01]} for p in (*speed.TRAIN_PARTS, "total")}
+        parts = {p: speed.summarize(v["samples"]) for p, v in parts.items()}
+        phase = {"status": "ok", "parts": parts}
+        inference = {"status": "ok", "parts": {p: speed.summarize([base]) for p in (*speed.INFER_PARTS, "total")}}
+        return {"threads": 1, "search_queries": None, "train": phase, "inference": inference}
+
+    monkeypatch.setattr(speed, "run_child", fake)
+    out = tmp_path / "speed"
+    assert main(["bench", "speed", *TINY, "--heads", "baseline,ess-knn@10", "--rounds", "2", "--knn-pixels", "0",
+                 "--out", str(out)]) == 0
+    assert order == [("baseline", 10), ("baseline", 50), ("ess-knn", 10)] * 2
+    report = json.loads((out / "speed.json").read_text())
+    by = {(r["head"], r["num_classes"]): r for r in report["results"]}
+    assert len(by[("baseline", 10)]["train"]["parts"]["total"]["samples"]) == 4
+    assert by[("baseline", 10)]["train"]["round_medians"] == [pytest.approx(0.105), pytest.approx(0.405)]
+    assert by[("ess-knn", 50)]["train"]["status"] == "skipped"
+    md = (out / "speed.md").read_text()
+    assert "| ess-knn | " + speed.fmt_stats(by[("ess-knn", 10)]["train"]["parts"]["total"]) + " | – |" in md
+    assert "ess-knn above C = 10" in md and "--rounds 2" in report["settings"]["command"]
+    assert speed.parse_head("ess-knn@20000") == ("ess-knn", 20000)
+    with pytest.raises(Exception, match="not a class count"):
+        speed.parse_head("ess-knn@lots")

@@ -7,14 +7,16 @@ what ESS avoids, so every search here works in tiles whose size is set by a byte
 
     dist(q, c) ~ ||c||^2 - 2 q.c          (||q||^2 is the same for all c: it cannot change the order)
 
-Exact search (`nearest_classes`, the torch backend) in two passes per tile of queries:
- 1. the distance tiles (one `addmm` each, sized to stay in cache) are reduced to the minimum of every
-    group of `_GROUP` consecutive classes (a vectorised `amin`, no sorting);
- 2. each query's k groups with the smallest minima hold its k nearest classes (each of those minima
-    is a real distance, so the k-th smallest of them bounds the k-th nearest from above); only
-    those k x `_GROUP` classes are scored again and sorted.
-The cost is the matmul plus a pass over its output, instead of a running top-k merge per tile
-(the merge cost 5-10x the matmul; `scaleseg bench speed` measures both against a large `torch.mm`).
+Exact search (`nearest_classes`, the torch backend), on distance tiles (one `addmm` each, sized
+to stay in cache). The k nearest of a query lie in the k groups of `_GROUP` consecutive classes
+with the smallest group minima (each minimum is a real distance, so the k-th smallest of them
+bounds the k-th nearest from above), so the selection never sorts a whole row:
+ * up to `_TWO_PASS_CLASSES` classes, per tile: the group minima (a vectorised `amin`), a top-k
+   over the k best groups' entries, then one merge of the tiles' k nearest;
+ * beyond, in two passes: the group minima of all classes first (one float per 64 classes and
+   query), then the k best groups' classes re-scored, once per query.
+The cost is the matmul plus one pass over its output, instead of a top-k over every tile and a
+running merge (`scaleseg bench speed` measures both against a large `torch.mm`).
 The FAISS backend (`pip install 'scaleseg[faiss]'`; GPU FAISS where installed) calls
 `IndexFlatIP` on large query blocks (FAISS tiles 4096 queries at a time internally) with the
 exact L2 order ([q, 1] . [c, -||c||^2 / 2]).
@@ -40,8 +42,10 @@ DEFAULT_BUDGET_BYTES = 256 * 2**20
 # re-scored candidates (float32 each), with slack
 _BYTES_PER_CELL = 12
 _QUERY_TILE = 1024
-_CLASS_TILE = 4096  # classes per distance tile: 1024 x 4096 floats = 16 MiB, within this machine's L3
-_GROUP = 64  # classes per group whose minimum is kept in pass 1
+_CLASS_TILE = 4096
+_TILE_CELLS = 1024 * 4096  # cells of a distance tile: 16 MiB of float32, within this machine's L3
+_GROUP = 64  # classes per group whose minimum decides whether its classes are looked at
+_TWO_PASS_CLASSES = 16384  # from this many classes on: group minima of all classes first, then re-scoring
 _FAISS_BLOCK = 65536  # queries per FAISS call (>= its internal 4096-query block)
 
 
@@ -61,24 +65,12 @@ def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def tile_shape(num_queries: int, num_classes: int, k: int, budget_bytes: int) -> tuple[int, int]:
-    """(query rows, class columns) of one distance tile within the budget, such that
-    rows x (cols + k) x 12 bytes <= budget_bytes: all classes in one tile up to `_CLASS_TILE` of
-    them (as many queries as fit), otherwise tiles of `_CLASS_TILE` classes and up to 1024 queries."""
+    """(query rows, class columns) of one distance tile: about `_TILE_CELLS` cells (a tile that stays
+    in cache), at most `_CLASS_TILE` classes wide, and rows x (cols + k) x 12 bytes <= budget_bytes."""
     cells = max(budget_bytes // _BYTES_PER_CELL, 1)
     cols = max(1, min(num_classes, _CLASS_TILE, cells // (2 * k + 2)))
-    rows = max(1, min(num_queries, cells // (cols + k)))
-    if num_classes > cols:
-        rows = min(rows, _QUERY_TILE)
+    rows = max(1, min(num_queries, cells // (cols + k), max(1, _TILE_CELLS // cols)))
     return rows, cols
-
-
-def _exact_rows(num_queries: int, num_classes: int, k: int, d: int, cols: int, budget_bytes: int) -> int:
-    """Query rows per pass-1 tile: the distance tile, the group minima and pass 2's re-scored
-    candidates (k groups x d floats each) must fit the budget together."""
-    groups = -(-num_classes // _GROUP)
-    per_row = 4 * (2 * cols + groups + min(k, groups) * _GROUP * (d + 3) + 3 * k)
-    rows = min(budget_bytes // max(per_row, 1), _QUERY_TILE if num_classes > _CLASS_TILE else num_queries)
-    return max(1, min(num_queries, rows))
 
 
 @torch.no_grad()
@@ -111,23 +103,61 @@ def _exact_torch(q: torch.Tensor, c: torch.Tensor, k: int, budget_bytes: int) ->
     out = torch.empty((n, k), dtype=torch.int64, device=q.device)
     if n == 0:
         return out
+    if C > _TWO_PASS_CLASSES:
+        return _exact_two_pass(q, c, k, budget_bytes, out)
     c_sq = c.pow(2).sum(1)  # (C,)
     rows, cols = tile_shape(n, C, k, budget_bytes)
-    if C <= cols or C <= 2 * k * _GROUP:  # few classes: a plain top-k per query
-        rows = max(1, min(n, budget_bytes // (_BYTES_PER_CELL * (C + k))))
-        for r0 in range(0, n, rows):
-            dist = torch.addmm(c_sq, q[r0 : r0 + rows], c.T, alpha=-2.0)  # (r, C)
-            out[r0 : r0 + rows] = dist.topk(k, dim=1, largest=False, sorted=True).indices
-        return out
+    tiles = -(-C // cols)
+    for r0 in range(0, n, rows):
+        qt = q[r0 : r0 + rows]  # (r, d)
+        found_val, found_idx = [], []
+        for c0 in range(0, C, cols):
+            dist = torch.addmm(c_sq[c0 : c0 + cols], qt, c[c0 : c0 + cols].T, alpha=-2.0)  # (r, w)
+            val, idx = _tile_topk(dist, k)
+            found_val.append(val)
+            found_idx.append(idx + c0 if c0 else idx)
+        val = found_val[0] if tiles == 1 else torch.cat(found_val, dim=1)  # the tiles' k nearest
+        idx = found_idx[0] if tiles == 1 else torch.cat(found_idx, dim=1)
+        out[r0 : r0 + rows] = idx.gather(1, val.topk(k, dim=1, largest=False, sorted=True).indices)
+    return out
+
+
+def _tile_topk(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest entries (unsorted) of each row of a distance tile (r, w) and their columns.
+
+    Wide tiles in two steps: the minimum of every group of `_GROUP` columns (a vectorised pass, no
+    sorting), then a top-k over the k groups with the smallest minima only, which hold the row's k
+    smallest entries (each group minimum is an entry, so the k-th smallest of them is an upper bound)."""
+    r, w = dist.shape
+    kk = min(k, w)
+    if w <= 2 * k * _GROUP:
+        return dist.topk(kk, dim=1, largest=False, sorted=False)
+    if w % _GROUP:  # pad the last group with +inf
+        dist = F.pad(dist, (0, _GROUP - w % _GROUP), value=math.inf)
+    groups = dist.shape[1] // _GROUP
+    best = dist.view(r, groups, _GROUP).amin(dim=2).topk(kk, dim=1, largest=False, sorted=False).indices  # (r, k)
+    rows = (best + torch.arange(r, device=dist.device)[:, None] * groups).view(-1)  # the groups as rows of G
+    vals = dist.view(r * groups, _GROUP).index_select(0, rows).view(r, kk * _GROUP)  # (r, k G)
+    val, pos = vals.topk(kk, dim=1, largest=False, sorted=False)
+    return val, best.gather(1, pos // _GROUP) * _GROUP + pos % _GROUP
+
+
+def _exact_two_pass(q: torch.Tensor, c: torch.Tensor, k: int, budget_bytes: int, out: torch.Tensor) -> torch.Tensor:
+    """Many classes: pass 1 keeps only the group minima of every tile, (r, C / G) per query tile;
+    pass 2 re-scores the k groups with the smallest minima (k G classes per query), once."""
+    n, C = q.shape[0], c.shape[0]
+    c_sq = c.pow(2).sum(1)
+    _, cols = tile_shape(n, C, k, budget_bytes)
     cols = max(_GROUP, cols - cols % _GROUP)  # whole groups per tile
     groups = -(-C // _GROUP)
     kg = min(k, groups)
     offsets = torch.arange(_GROUP, device=q.device)
-    rows = _exact_rows(n, C, k, c.shape[1], cols, budget_bytes)
+    per_row = 4 * (2 * cols + groups + kg * _GROUP * (c.shape[1] + 3) + 3 * k)
+    rows = max(1, min(n, _QUERY_TILE, budget_bytes // per_row))
     for r0 in range(0, n, rows):
         qt = q[r0 : r0 + rows]  # (r, d)
         r = qt.shape[0]
-        minima = torch.empty((r, groups), dtype=q.dtype, device=q.device)  # pass 1: (r, C / _GROUP)
+        minima = torch.empty((r, groups), dtype=q.dtype, device=q.device)  # (r, C / G)
         for c0 in range(0, C, cols):
             dist = torch.addmm(c_sq[c0 : c0 + cols], qt, c[c0 : c0 + cols].T, alpha=-2.0)  # (r, <= cols)
             width = dist.shape[1]
@@ -135,9 +165,8 @@ def _exact_torch(q: torch.Tensor, c: torch.Tensor, k: int, budget_bytes: int) ->
                 dist = F.pad(dist, (0, _GROUP - width % _GROUP), value=math.inf)
             g0 = c0 // _GROUP
             minima[:, g0 : g0 + dist.shape[1] // _GROUP] = dist.view(r, -1, _GROUP).amin(dim=2)
-        # pass 2: the k groups with the smallest minima hold the k nearest classes
         best_groups = minima.topk(kg, dim=1, largest=False, sorted=False).indices  # (r, kg)
-        ids = (best_groups[:, :, None] * _GROUP + offsets).view(r, -1)  # (r, kg * _GROUP)
+        ids = (best_groups[:, :, None] * _GROUP + offsets).view(r, -1)  # (r, kg * G)
         padding = ids >= C
         ids.clamp_(max=C - 1)
         flat = ids.view(-1)
@@ -331,7 +360,7 @@ class ClassIndex(nn.Module):
             if m1 > m0:
                 dist = torch.addmm(members_sq[m0:m1], grouped[start : start + count], members[m0:m1].T, alpha=-2.0)
                 kk = min(k, m1 - m0)
-                v, i = dist.topk(kk, dim=1, largest=False, sorted=False)  # (count, kk)
+                v, i = _tile_topk(dist, k)  # (count, kk)
                 val[start : start + count, :kk] = v
                 pos[start : start + count, :kk] = i + m0
             start += count

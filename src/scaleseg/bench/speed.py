@@ -116,6 +116,8 @@ def check_args(args) -> None:
             raise ConfigError("--device cuda but no CUDA device is available here; use --device cpu or auto")
     if args.knn_pixels < 0:
         raise ConfigError(f"--knn-pixels {args.knn_pixels}: must be >= 0 (0 skips the search-backend comparison)")
+    if getattr(args, "rounds", 1) < 1:
+        raise ConfigError(f"--rounds {args.rounds}: need at least 1 round")
     # the settings every child will use, so a bad batch, backbone or --set fails once, here
     cfg = load_config(None, [f"model.backbone={args.backbone}", f"data.batch_size={args.batch}", *(args.set or [])])
     if args.crop < 16:
@@ -528,6 +530,8 @@ def command_line(args) -> str:
              "--backbone", args.backbone, "--batch", str(args.batch), "--crop", str(args.crop), "--device", args.device,
              "--loss-resolution", args.loss_resolution, "--warmup", str(args.warmup), "--repeats", str(args.repeats),
              "--knn-pixels", str(args.knn_pixels)]
+    if getattr(args, "rounds", 1) != 1:
+        parts += ["--rounds", str(args.rounds)]
     if args.limit_gb:
         parts += ["--limit-gb", f"{args.limit_gb:g}"]
     for override in args.set or []:
@@ -559,25 +563,89 @@ def run_benchmark(args) -> dict:
         "repeats": args.repeats, "knn_pixels": args.knn_pixels, "limit_gb": args.limit_gb,
         "overrides": list(args.set or []), "command": command_line(args),
     }
+    rounds = getattr(args, "rounds", 1)
+    settings["rounds"] = rounds
     report = {"settings": settings, "machine": machine_info(device), "results": [], "knn_backends": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(jobs, desc="bench speed", unit="config", disable=args.no_progress)
-    for job in bar:
-        label = f"{job.get('head', 'search')} C={job['num_classes']}"
-        bar.set_postfix_str(label)
-        if job["kind"] == "knn":
-            report["knn_backends"].append({"num_classes": job["num_classes"], "queries": job["pixels"], **run_child(job)})
-        else:
-            skipped = job["num_classes"] > limits.get(job["head"], math.inf)
-            raw = {"status": "skipped", "detail": f"C > {limits.get(job['head'])}"} if skipped else run_child(job)
-            report["results"].append(_normalize_config_record(job["head"], job["num_classes"], raw))
-        (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    raws: dict[int, list[dict]] = {i: [] for i in range(len(jobs))}
+    bar = tqdm(total=rounds * len(jobs), desc="bench speed", unit="config", disable=args.no_progress)
+    for r in range(rounds):  # round by round, so that load drifting over the run hits every job alike
+        for i, job in enumerate(jobs):
+            bar.set_postfix_str(f"{job.get('head', 'search')} C={job['num_classes']} round {r + 1}/{rounds}")
+            skipped = job["kind"] == "config" and job["num_classes"] > limits.get(job["head"], math.inf)
+            raws[i].append({"status": "skipped", "detail": f"C > {limits.get(job.get('head'))}"} if skipped
+                           else run_child(job))
+            bar.update(1)
+            _fill(report, jobs, raws)
+            (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    bar.close()
     report["machine"]["load_average_end"] = _load_average()
     (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "speed.md").write_text(format_markdown(report))
     plot(report, out / "speed.png")
     return report
+
+
+def _fill(report: dict, jobs: list[dict], raws: dict[int, list[dict]]) -> None:
+    """report["results"] and ["knn_backends"] from the rounds run so far, merged per job."""
+    report["results"], report["knn_backends"] = [], []
+    for i, job in enumerate(jobs):
+        if not raws[i]:
+            continue
+        raw = merge_rounds(raws[i])
+        if job["kind"] == "knn":
+            report["knn_backends"].append({"num_classes": job["num_classes"], "queries": job["pixels"], **raw})
+        else:
+            report["results"].append(_normalize_config_record(job["head"], job["num_classes"], raw))
+
+
+def _merge_parts(phases: list[dict]) -> dict:
+    """One phase record from several rounds: every part's samples pooled and summarised again."""
+    merged = dict(phases[0])
+    merged["parts"] = {}
+    for part, stats in phases[0]["parts"].items():
+        merged["parts"][part] = (None if stats is None else
+                                 summarize([x for p in phases for x in p["parts"][part]["samples"]]))
+    merged["round_medians"] = [p["parts"]["total"]["median"] for p in phases]
+    return merged
+
+
+def merge_rounds(raws: list[dict]) -> dict:
+    """The record of one job run in several rounds (each its own process): timed samples pooled;
+    a round that failed makes the whole record that failure."""
+    if len(raws) == 1:
+        return raws[0]
+    bad = next((r for r in raws if r.get("status") not in (None, "ok")), None)
+    if bad is not None:
+        return bad
+    merged = dict(raws[0])
+    if "torch" in raws[0]:  # a search-method comparison
+        for name, first in raws[0].items():
+            if isinstance(first, dict) and first.get("status") == "ok" and "samples" in first:
+                if all(r.get(name, {}).get("status") == "ok" for r in raws):
+                    samples = [x for r in raws for x in r[name]["samples"]]
+                    flops = first["gflops"] * first["median"]
+                    merged[name] = {**first, **summarize(samples), "gflops": flops / statistics.median(samples)}
+        return merged
+    for phase in ("inference", "train"):
+        phases = [r.get(phase) for r in raws]
+        if all(p and p.get("status") == "ok" for p in phases):
+            merged[phase] = _merge_parts(phases)
+        else:
+            merged[phase] = next(p for p in phases if not p or p.get("status") != "ok") or {"status": "error"}
+    if merged["train"].get("status") == "ok" and raws[0].get("refreshes") is not None:
+        refreshes = {}
+        for kind in raws[0]["refreshes"]:
+            seconds = statistics.median(r["refreshes"][kind]["seconds"] for r in raws)
+            first = raws[0]["refreshes"][kind]
+            refreshes[kind] = {**first, "seconds": seconds,
+                               "per_step": seconds / first["every"] if first["per_step"] else 0.0}
+        merged["refreshes"] = refreshes
+        train = merged["train"]["parts"]
+        steady = statistics.median(t - r for t, r in zip(train["total"]["samples"], train["refresh"]["samples"]))
+        merged["train"]["step_with_refreshes"] = steady + sum(x["per_step"] for x in refreshes.values())
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,8 +797,9 @@ def format_markdown(report: dict) -> str:
         + f", {m['date'][:10]}" + (f"; {', '.join(map(str, threads))} PyTorch threads" if threads else "") + ".",
         f"Model: DeepLabV3+ {s['backbone']} (random weights), fp32, batch {s['batch']}, {s['crop']}x{s['crop']} crops, "
         f"{resolution}. Each (head, C) runs in its own process: {s['warmup']} untimed "
-        f"repetition{'' if s['warmup'] == 1 else 's'}, then {s['repeats']} timed with {sync}. "
-        "Cells: median (min–max) over the timed repetitions."
+        f"repetition{'' if s['warmup'] == 1 else 's'}, then {s['repeats']} timed with {sync}"
+        + (f"; the whole list {s['rounds']} times, round by round, the timed repetitions pooled"
+           if s.get("rounds", 1) > 1 else "") + ". Cells: median (min–max) over the timed repetitions."
         + (f" OOM: over the {s['limit_gb']:g} GiB address-space limit." if s.get("limit_gb") else "")
         + (" –: not run (" + ", ".join(f"{h} above C = {c:,}" for h, c in s["head_limits"].items()) + ")."
            if s.get("head_limits") else "") + load_text + overrides,

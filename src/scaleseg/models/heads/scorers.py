@@ -139,10 +139,12 @@ class EmbeddingScorer(nn.Module):
         self.embed = nn.Conv2d(in_channels, embed_dim, kernel_size=1)  # pixel embeddings, with bias as published
         self.class_embeddings = nn.Parameter(torch.empty(num_classes, embed_dim).uniform_(-1.0, 1.0))  # (C, d)
         # State derived from the class table, kept in checkpoints (see their classes): the approximate
-        # class index (search_index ivf, or auto from index_min_classes classes on) and the margin cache
+        # class index (search_index ivf, or auto from index_min_classes classes on), for the kNN loss's
+        # nearest negatives and the regulariser's refreshes, and the margin cache
         use_index = search_index == "ivf" or (search_index == "auto" and num_classes >= index_min_classes)
+        searches = (loss == "knn" and negatives == "nearest") or margin_weight > 0
         self.class_index = (ClassIndex(num_classes, embed_dim, index_clusters, index_probes, index_refresh)
-                            if use_index and loss == "knn" and negatives == "nearest" else None)
+                            if use_index and searches else None)
         self.margin_cache = MarginCache(num_classes, margin_refresh, margin_candidates) if margin_weight > 0 else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
