@@ -40,13 +40,17 @@ HEADS = {
     "baseline": ["model.head.scorer=linear"],
     "ess-knn": [*_ESS, "model.head.embedding.loss=knn", *_EXACT],
     "ess-full": [*_ESS, "model.head.embedding.loss=full", *_EXACT],
-    # one remedy of ESS supplementary C at a time, each on ess-knn
+    # ESS supplementary C's remedies, added one by one: the cached regulariser (without it the exact
+    # Eq. 7 is a C x C search every step), then the search per 2 x 2 or 4 x 4 block of pixels, or
+    # through the class index, then both
     "ess-knn-cached": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, *_CACHED],
-    "ess-knn-block2": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, "model.head.embedding.search_block=2"],
-    "ess-knn-block4": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, "model.head.embedding.search_block=4"],
-    "ess-knn-ivf": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, "model.head.embedding.search_index=ivf"],
-    # all of them together: block-shared search over the approximate index, cached regulariser
-    "ess-knn-fast": [*_ESS, "model.head.embedding.loss=knn", *_CACHED, "model.head.embedding.search_block=4",
+    "ess-knn-cached-block2": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, *_CACHED,
+                              "model.head.embedding.search_block=2"],
+    "ess-knn-cached-block4": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, *_CACHED,
+                              "model.head.embedding.search_block=4"],
+    "ess-knn-cached-ivf": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, *_CACHED,
+                           "model.head.embedding.search_index=ivf"],
+    "ess-knn-fast": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, *_CACHED, "model.head.embedding.search_block=4",
                      "model.head.embedding.search_index=ivf"],
     # the exact loss with the cached regulariser
     "ess-full-cached": [*_ESS, "model.head.embedding.loss=full", *_EXACT, *_CACHED],
