@@ -151,3 +151,26 @@ def test_a_checkpoint_file_is_a_target(runs, tmp_path):
     summary = analyze(runs["ess"] / "iter_000004.pth", out=tmp_path, images=0, progress=False)
     assert summary["checkpoint"].endswith("iter_000004.pth") and "per_class" in summary
     assert (tmp_path / "dendrogram.png").is_file() and not (tmp_path / "pixel_embeddings_2d.png").exists()
+
+
+PYRAMID = ["model.head.structure=pyramid", "model.head.pyramid.semantic_channels=16",
+           "model.head.pyramid.unity_channels=8", "model.head.pyramid.strides=[16,8,4]"]
+
+
+def test_a_pyramid_with_the_embedding_scorer_gets_the_figures_of_its_one_class_table(tmp_path):
+    """The pyramid's levels share one class table: the analyses read it through the head protocol."""
+    run = _train(tmp_path / "pyramid_ess", PYRAMID + EMBEDDING)
+    summary = analyze(run, out=tmp_path / "out", images=1, clusters=4, progress=False)
+    assert summary["embedding"] == {"dim": 8, "normalize": True}
+    for name in ("dendrogram.png", "clusters.txt", "pixel_embeddings_2d.png", "frequency_vs_length.png"):
+        assert (tmp_path / "out" / name).is_file(), name
+    table = load_checkpoint(run / "best.pth")["model"]["head.scorers.0.class_embeddings"]
+    assert summary["clusters"]["k"] == 4 and table.shape == (40, 8)
+
+
+def test_a_pyramid_with_the_linear_scorer_is_refused_like_any_linear_head(tmp_path, capsys):
+    run = _train(tmp_path / "pyramid_linear", PYRAMID + ["train.device=cpu"])
+    with pytest.raises(AnalysisError, match="linear-head model"):
+        analyze(run, out=tmp_path / "out", progress=False)
+    assert main(["analyze", str(run), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "model.head.scorer=embedding" in capsys.readouterr().err

@@ -101,3 +101,57 @@ def test_more_neighbours_than_negatives_is_refused():
     # the exact loss has no neighbours to search: allowed
     load_config(None, ["data.num_classes=10", "model.head.scorer=embedding", "model.head.embedding.num_neighbours=20",
                        "model.head.embedding.loss=full"])
+
+
+def test_optimizer_groups_are_set_in_the_config_and_keep_their_defaults():
+    """optim.groups.<name>: a nested key changes that field alone, the group's other defaults stay."""
+    import torch
+
+    from scaleseg.engine.optim import build_optimizer
+    from scaleseg.models import build_model
+
+    cfg = load_config(None, ["optim.groups.backbone.momentum=0.5", "optim.groups.class_embeddings.lr_mult=3",
+                             "model.head.scorer=embedding", "optim.lr=0.02"])
+    assert cfg.optim.groups.backbone.lr_mult == 0.1 and cfg.optim.groups.backbone.momentum == 0.5
+    assert cfg.optim.groups.class_embeddings.momentum == 0.95 and cfg.optim.groups.class_embeddings.lr_mult == 3
+    model = build_model(cfg.model, 20, 255)
+    groups = {g["name"]: g for g in build_optimizer(model, cfg.optim).param_groups}
+    assert set(groups) == {"backbone", "decoder", "head", "class_embeddings"}
+    want = {  # (lr, momentum, weight decay, poly power)
+        "backbone": (0.002, 0.5, 1e-4, 0.9), "decoder": (0.02, 0.9, 1e-4, 0.9),
+        "head": (0.02, 0.9, 1e-4, 0.9), "class_embeddings": (0.06, 0.95, 1e-4, 0.95),
+    }
+    for name, (lr, momentum, wd, power) in want.items():
+        g = groups[name]
+        assert (g["lr"], g["momentum"], g["weight_decay"], g["poly_power"]) == pytest.approx((lr, momentum, wd, power))
+    assert groups["class_embeddings"]["params"] == [model.head.scorer.class_embeddings]
+    seen = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(seen) == len(set(seen)) == len(list(model.parameters()))
+    assert isinstance(groups["backbone"]["params"][0], torch.nn.Parameter)
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.groups.table'.*class_embeddings"):
+        load_config(None, ["optim.groups.table.lr_mult=2"])
+    with pytest.raises(ConfigError, match=r"optim.groups.head.momentum = 1.5"):
+        load_config(None, ["optim.groups.head.momentum=1.5"])
+
+
+@pytest.mark.parametrize("old, new, value", [
+    ("optim.backbone_lr_mult", "optim.groups.backbone.lr_mult", 1.0),
+    ("model.head.embedding.embedding_lr_mult", "optim.groups.class_embeddings.lr_mult", 30.0),
+    ("model.head.embedding.embedding_momentum", "optim.groups.class_embeddings.momentum", 0.9),
+    ("model.head.embedding.embedding_poly_power", "optim.groups.class_embeddings.poly_power", 1.0),
+])
+def test_renamed_keys_are_refused_with_their_new_name_and_carried_over_from_old_checkpoints(old, new, value):
+    from scaleseg.config import RENAMED_KEYS, apply_overrides, migrate_renamed_keys
+    from scaleseg.engine.checkpoint import config_from_checkpoint
+
+    assert RENAMED_KEYS[old] == new
+    with pytest.raises(ConfigError, match=f"config key '{old}' is now '{new}'"):
+        load_config(None, [f"{old}={value}"])
+    saved = apply_overrides(Config().to_dict(), [f"{old}={value}"])  # a config written by an earlier version
+    cfg = config_from_checkpoint({"config": saved})
+    section, *rest = new.split(".")
+    node = getattr(cfg, section)
+    for part in rest:
+        node = getattr(node, part)
+    assert node == value
+    assert old.rsplit(".", 1)[1] not in str(migrate_renamed_keys(saved))

@@ -16,18 +16,17 @@ from scaleseg.engine.inference import predict_labels
 from scaleseg.errors import CheckpointError, ScalesegError
 from scaleseg.export import (
     ExportablePredictor,
-    _upsample_cells,
     export_onnx,
     export_safetensors,
     load_checkpoint_model,
     load_safetensors_model,
     random_images,
-    traceable_pyramid_pool,
     verify_onnx,
 )
 from scaleseg.losses.pyramid import upsample_cells
 from scaleseg.models import build_model
 from scaleseg.models.heads.pyramid import pyramid_pool
+from scaleseg.search import nearest_class
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -82,7 +81,8 @@ def random_model(overrides, num_classes=40, seed=0):
 def save_model_checkpoint(model, overrides, path, num_classes=40):
     rng = np.random.default_rng(0)
     save_checkpoint({
-        "iteration": 7, "model": model.state_dict(), "config": load_config(None, overrides).to_dict(),
+        "iteration": 7, "model": model.state_dict(),
+        "config": load_config(None, [*overrides, f"data.num_classes={num_classes}"]).to_dict(),
         "num_classes": num_classes, "ignore_index": 255, "class_names": [f"class{i}" for i in range(num_classes)],
         "palette": torch.as_tensor(rng.integers(0, 256, (num_classes, 3), dtype=np.uint8)),
     }, path)
@@ -123,12 +123,14 @@ def test_exportable_pyramid_predictor_equals_predict_labels(scorer):
     predictor = ExportablePredictor(model, chunk_classes=16)
     for shape in [(2, 64, 64), (1, 37, 53), (1, 20, 24)]:
         images = random_images(shape, seed=shape[1])
-        model.head.reset_level_stats()
         assert torch.equal(predictor(images), predict_labels(model, images, EvalConfig()))
-        assert 0 < model.head.level_fractions()["stride_4"] < 1  # fused: some pixels from coarse cells
+        with torch.no_grad():
+            shares = model.head.summarize_counts(model.dense_with_counts(images)[1])
+        assert 0 < shares["level_stride_4"] < 100  # fused: some pixels from coarse cells
 
 
 def test_chunked_nearest_class_is_the_brute_force_argmin_and_ties_go_to_the_lower_id():
+    """`scaleseg.search.nearest_class`, what eval's decide and the exported graph both run."""
     model = random_model([*SMALL, "model.head.scorer=embedding"], num_classes=40)
     scorer = model.head.scorer
     dense = torch.nn.functional.normalize(torch.randn(2, 12, 9, 7), dim=1)
@@ -136,7 +138,9 @@ def test_chunked_nearest_class_is_the_brute_force_argmin_and_ties_go_to_the_lowe
     queries = dense.double().permute(0, 2, 3, 1).reshape(-1, 12)
     brute = torch.cdist(queries, classes).argmin(dim=1).view(2, 9, 7)  # float64, all classes at once
     for chunk in (1, 3, 16, 40, 64):
-        assert torch.equal(ExportablePredictor(model, chunk)._nearest_class(dense), brute)
+        assert torch.equal(model.decide(dense, chunk), brute)
+        assert torch.equal(nearest_class(queries.float(), classes.float(), chunk_classes=chunk).view(2, 9, 7), brute)
+    assert torch.equal(model.decide(dense), brute)  # chunked by the search budget
     # exact ties: classes 5, 18 and 33 are the same unit vector, as is the query -> class 5 in every chunking
     with torch.no_grad():
         scorer.class_embeddings[:] = torch.eye(12).repeat(4, 1)[:40] * 3.0  # class c points along axis c % 12
@@ -146,16 +150,22 @@ def test_chunked_nearest_class_is_the_brute_force_argmin_and_ties_go_to_the_lowe
     query = torch.zeros(1, 12, 1, 2)
     query[0, 5] = 1.0
     for chunk in (1, 4, 16, 18, 19, 40):
-        assert ExportablePredictor(model, chunk)._nearest_class(query).flatten().tolist() == [5, 5]
+        assert model.decide(query, chunk).flatten().tolist() == [5, 5]
+    tied = scorer.classes()
+    for budget in (64, 1000, 2**20):  # query tiles of every size
+        assert nearest_class(query.permute(0, 2, 3, 1).reshape(-1, 12), tied, budget_bytes=budget).tolist() == [5, 5]
 
 
-def test_traceable_forms_equal_the_model_functions():
+def test_the_traceable_model_functions_equal_their_usual_forms():
+    """The pyramid's pooling and cell upsampling are written to trace at any size (the export traces the
+    model as it is); they equal adaptive average pooling and repeat_interleave."""
     for h, w in [(16, 16), (5, 7), (1, 1), (3, 11)]:
         x = torch.randn(2, 4, h, w)
-        torch.testing.assert_close(traceable_pyramid_pool(x, (1, 2, 3, 6)), pyramid_pool(x, (1, 2, 3, 6)),
-                                   rtol=0, atol=1e-6)
-        assert torch.equal(_upsample_cells(x, 4), upsample_cells(x, 4))
-        assert torch.equal(_upsample_cells(x[:, 0] > 0, 2), upsample_cells(x[:, 0] > 0, 2))
+        reference = torch.cat([torch.nn.functional.adaptive_avg_pool2d(x, b).flatten(2) for b in (1, 2, 3, 6)], dim=2)
+        torch.testing.assert_close(pyramid_pool(x, (1, 2, 3, 6)), reference, rtol=0, atol=1e-6)
+        assert torch.equal(upsample_cells(x, 4), x.repeat_interleave(4, dim=-2).repeat_interleave(4, dim=-1))
+        mask = x[:, 0] > 0
+        assert torch.equal(upsample_cells(mask, 2), mask.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1))
 
 
 # --- ONNX ------------------------------------------------------------------------------------------------

@@ -112,3 +112,35 @@ def test_empty_and_merge():
     both.update(torch.cat([t1, t2]), torch.cat([t1, torch.tensor([2, 1, 1])]))
     a.merge_(b.counts())
     assert torch.equal(a.counts(), both.counts())
+
+
+def test_dice_precision_recall_fscore_follow_mmsegmentation_from_a_confusion_matrix():
+    """Per class from a full confusion matrix (rows: label, columns: prediction), as mmsegmentation's
+    IoUMetric defines them: Dice 2I/(P+L), precision I/P, recall I/L, F1 = 2PR/(P+R), NaN where undefined
+    and means over the defined classes. Class 3 is labelled but never predicted, class 4 predicted but
+    never labelled, class 5 absent from both."""
+    rng = np.random.default_rng(3)
+    C, ignore = 6, 255
+    target = rng.choice([0, 1, 2, 3, ignore], size=(3, 17, 19), p=[0.3, 0.3, 0.2, 0.1, 0.1])
+    pred = rng.choice([0, 1, 2, 4], size=target.shape)
+    metrics = SegmentationMetrics(C, ignore)
+    metrics.update(torch.as_tensor(pred), torch.as_tensor(target))
+    got = metrics.compute()
+
+    keep = target != ignore
+    confusion = np.zeros((C, C))
+    np.add.at(confusion, (target[keep], pred[keep]), 1)
+    inter, label, predicted = np.diag(confusion), confusion.sum(1), confusion.sum(0)
+    nan = float("nan")
+    dice = [2 * inter[c] / (label[c] + predicted[c]) if label[c] + predicted[c] else nan for c in range(C)]
+    precision = [inter[c] / predicted[c] if predicted[c] else nan for c in range(C)]
+    recall = [inter[c] / label[c] if label[c] else nan for c in range(C)]
+    fscore = [2 * p * r / (p + r) if not (math.isnan(p) or math.isnan(r)) and p + r else
+              (0.0 if not (math.isnan(p) or math.isnan(r)) else nan) for p, r in zip(precision, recall)]
+    for name, want in (("Dice", dice), ("Precision", precision), ("Recall", recall), ("Fscore", fscore)):
+        np.testing.assert_allclose(got[name], np.array(want), rtol=1e-12, equal_nan=True, err_msg=name)
+        mean = np.nanmean(np.array(want))
+        assert got["m" + name] == pytest.approx(mean, rel=1e-12), name
+    assert math.isnan(got["Precision"][3]) and got["Dice"][3] == 0.0 and math.isnan(got["Fscore"][3])
+    assert math.isnan(got["Recall"][4]) and math.isnan(got["Dice"][5])
+    np.testing.assert_array_equal(got["Recall"], got["Acc"])

@@ -4,7 +4,7 @@
     scaleseg eval  WORK_DIR | CONFIG.yaml | CKPT.pth [key=value ...] [--checkpoint CKPT] [--out DIR]
     scaleseg predict CKPT.pth IMAGE_OR_FOLDER --out DIR [key=value ...] [--batch-size 8] [--workers 2]
     scaleseg export CKPT.pth --format onnx|safetensors [--out FILE] [--chunk-classes N] [--no-verify]
-    scaleseg prepare {cityscapes,voc-aug,ade20k-full,coco-lvis} ...
+    scaleseg prepare {cityscapes,voc-aug,ade20k-full,coco-lvis,pascal-context} ...
     scaleseg check-data [CONFIG.yaml] [key=value ...] [--splits train,val] [--no-progress]
     scaleseg bench memory ...
 
@@ -14,10 +14,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-from scaleseg.errors import ScalesegError
+from scaleseg.errors import ScalesegError, user_message
 from scaleseg.bench.memory import DEFAULT_CLASSES
 
 
@@ -44,54 +45,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_setup(target: str, overrides: list[str], checkpoint: str | None):
-    """-> (config, checkpoint path, default output dir) for `scaleseg eval`.
-
-    ImageNet weights are never needed here (the checkpoint holds all weights), so
-    `model.pretrained` is cleared: a config from another machine still loads."""
-    from scaleseg.config import load_config
-    from scaleseg.engine.checkpoint import config_from_checkpoint, find_last_checkpoint, load_checkpoint
-
-    path = Path(target)
-    if path.suffix == ".pth":
-        return config_from_checkpoint(load_checkpoint(path), overrides), path, path.parent / "eval" / path.stem
-    if path.is_dir():
-        config_file = path / "config.yaml"
-        if not config_file.is_file():
-            raise ScalesegError(f"{path} is not a work dir (no config.yaml); pass the config file instead")
-        if checkpoint is None:
-            best = path / "best.pth"
-            ckpt = best if best.is_file() else find_last_checkpoint(path)
-            if ckpt is None:
-                raise ScalesegError(f"no checkpoint in {path} (no best.pth, no last_checkpoint); pass --checkpoint")
-        else:
-            ckpt = Path(checkpoint)
-        return load_config(config_file, overrides + ["model.pretrained=null"]), ckpt, path / "eval" / ckpt.stem
-    if checkpoint is None:
-        raise ScalesegError("evaluating from a config file needs --checkpoint")
-    cfg = load_config(path, overrides + ["model.pretrained=null"])
-    return cfg, Path(checkpoint), Path(checkpoint).parent / "eval" / Path(checkpoint).stem
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from scaleseg.data import build_dataset, build_eval_loader
-    from scaleseg.engine.checkpoint import load_checkpoint, load_model_state
+    from scaleseg.engine.checkpoint import resolve_run
     from scaleseg.engine.evaluator import evaluate, format_table, write_results
     from scaleseg.engine.runtime import amp_dtype, log_to, select_device
     from scaleseg.engine.trainer import dataset_meta
-    from scaleseg.models import build_model
 
-    cfg, ckpt_path, out_dir = _eval_setup(args.target, args.overrides, args.checkpoint)
-    out_dir = Path(args.out) if args.out else out_dir
+    run = resolve_run(args.target, args.overrides, args.checkpoint)
+    cfg, ckpt = run.cfg, run.checkpoint
+    out_dir = Path(args.out) if args.out else run.eval_dir
     with log_to(None) as log:
         device = select_device(cfg.train.device)
         dataset = build_dataset(cfg.data, "val")
         meta = dataset_meta(dataset, cfg)
-        model = build_model(cfg.model, meta["num_classes"], meta["ignore_index"])
-        ckpt = load_checkpoint(ckpt_path)
-        load_model_state(model, ckpt, ckpt_path, cfg.to_dict())
-        model.to(device)
-        log.info(f"evaluating {ckpt_path} (iteration {ckpt.get('iteration')}) on {cfg.data.dataset} val, "
+        model = run.model().to(device)
+        log.info(f"evaluating {run.checkpoint_path} (iteration {ckpt.get('iteration')}) on {cfg.data.dataset} val, "
                  f"{len(dataset)} images, mode {cfg.eval.mode}, scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}")
         loader = build_eval_loader(cfg.data, dataset, meta["ignore_index"])
         results = evaluate(
@@ -99,8 +68,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             amp_dtype(cfg.train, device), progress=not args.no_progress,
         )
         json_path, csv_path = write_results(
-            results, meta["class_names"], out_dir, extra={"checkpoint": str(ckpt_path), "iteration": ckpt.get("iteration")}
+            results, meta["class_names"], out_dir,
+            extra={"checkpoint": str(run.checkpoint_path), "iteration": ckpt.get("iteration")},
         )
+        for problem in results["skipped"]:
+            log.warning(f"skipped a bad val sample, not scored (data.on_bad_sample=skip): {problem}")
         log.info(format_table(results, meta["class_names"], show=args.show))
         log.info(f"wrote {json_path} and {csv_path}")
     return 0
@@ -136,140 +108,19 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
-class _ImageReader:
-    """Map-style dataset for a DataLoader: item i -> (i, uint8 image (H, W, 3) or None, None or the reason
-    the file could not be read), so one unreadable image is reported instead of ending the run."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self.files = files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        from scaleseg.data.io import read_image
-
-        try:
-            return index, read_image(self.files[index]), None
-        except Exception as exc:  # noqa: BLE001 - any reader failure is this file's, reported with its path
-            return index, None, str(exc) if isinstance(exc, ScalesegError) else f"{type(exc).__name__}: {exc}"
-
-
-def _write_prediction(target: Path, image, label, num_classes: int, palette) -> str | None:
-    """Label map (lossless, see `save_label_map`) and colour overlay beside it; -> None, or why not."""
-    from PIL import Image
-
-    from scaleseg.data.io import overlay, save_label_map
-
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        save_label_map(target, label, num_classes)
-        Image.fromarray(overlay(image, label, palette)).save(target.with_name(target.name + "_overlay.png"))
-    except (OSError, ValueError) as exc:
-        return f"cannot write {target}: {exc}"
-    return None
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Label maps and overlays for an image or a folder. Images are read by `--workers` processes;
-    consecutive images of one size are predicted together, up to `--batch-size` (in eval mode every
-    image of a batch is predicted independently of the others); outputs are written by a background
-    thread as batches finish. A file that cannot be read or predicted is listed at the end and in
-    DIR/failures.txt, and the exit status is 1."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Label maps and overlays for an image or a folder (engine/predict.py). Exit status 1 when a file
+    could not be read or predicted (all of them listed, and in OUT/failures.txt)."""
+    from scaleseg.engine.predict import predict_files
+    from scaleseg.engine.runtime import log_to
 
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from scaleseg.data.io import list_images
-    from scaleseg.data.transforms import to_tensor
-    from scaleseg.engine.checkpoint import load_checkpoint_model
-    from scaleseg.engine.inference import predict_labels
-    from scaleseg.engine.runtime import log_to, select_device
-
-    if args.batch_size < 1:
-        raise ScalesegError(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.workers < 0:
-        raise ScalesegError(f"--workers {args.workers}: must be >= 0 (0 reads in the main process)")
-    model, ckpt, cfg = load_checkpoint_model(args.checkpoint, args.overrides)
-    num_classes, palette = int(ckpt["num_classes"]), ckpt["palette"].numpy()
-    device = select_device(cfg.train.device)
-    model.to(device)
-    inputs = Path(args.input)
-    files = list_images(inputs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failures: list[tuple[Path, str]] = []
-    writes: list = []  # (path, future of _write_prediction)
-
-    def target_of(path: Path) -> Path:
-        rel = path.relative_to(inputs) if inputs.is_dir() else Path(path.name)
-        return out / rel.parent / rel.stem
-
-    def collect(keep: int) -> None:
-        """Record finished writes; wait for the oldest until at most `keep` are outstanding."""
-        while writes and (len(writes) > keep or writes[0][1].done()):
-            path, future = writes.pop(0)
-            error = future.result()
-            if error:
-                failures.append((path, error))
-
-    def predict(batch: list[tuple[Path, object]]) -> list[tuple[Path, object, object]]:
-        """[(path, image)] of one size -> [(path, image, labels (H, W))]; a batch that fails is retried
-        one image at a time, so only the images that fail alone are reported."""
-        try:
-            images = torch.stack([to_tensor(image) for _, image in batch]).to(device)
-            with torch.inference_mode():
-                labels = predict_labels(model, images, cfg.eval).cpu().numpy()
-            return [(path, image, label) for (path, image), label in zip(batch, labels)]
-        except (RuntimeError, ScalesegError) as exc:
-            if len(batch) > 1:
-                return [done for item in batch for done in predict([item])]
-            first = (str(exc).strip().splitlines() or [""])[0]
-            failures.append((batch[0][0], f"prediction failed: {type(exc).__name__}: {first}"))
-            return []
-
-    workers = args.workers if len(files) > 1 else 0
-    reader = DataLoader(_ImageReader(files), batch_size=None, shuffle=False, num_workers=workers)
-    with log_to(None) as log, ThreadPoolExecutor(max_workers=1) as writer, tqdm(
-        total=len(files), desc="predict", unit="img", disable=args.no_progress or len(files) == 1
-    ) as bar:
-
-        def flush(batch: list) -> None:
-            for path, image, label in predict(batch):
-                writes.append((path, writer.submit(_write_prediction, target_of(path), image, label, num_classes, palette)))
-            bar.update(len(batch))
-            collect(keep=2 * args.batch_size)  # bounded: finished images wait in memory for the writer
-
-        pending: list = []
-        for index, image, error in reader:
-            path = files[index]
-            if error is not None:
-                failures.append((path, error))
-                log.info(f"skipped {path}: {error}")
-                bar.update(1)
-                continue
-            image = image.numpy() if isinstance(image, torch.Tensor) else image  # the loader converts arrays
-            if pending and (image.shape != pending[0][1].shape or len(pending) >= args.batch_size):
-                flush(pending)
-                pending = []
-            pending.append((path, image))
-        if pending:
-            flush(pending)
-        collect(keep=0)
-    failures.sort(key=lambda f: str(f[0]))
-    listing = out / "failures.txt"
-    if failures:
-        from scaleseg.data.io import write_text_atomic
-
-        write_text_atomic(listing, "".join(f"{p}\t{' '.join(m.split())}\n" for p, m in failures))
-    elif listing.is_file():
-        listing.unlink()  # from an earlier run: nothing failed this time
+    report = predict_files(args.checkpoint, args.input, args.out, args.overrides, batch_size=args.batch_size,
+                           workers=args.workers, progress=not args.no_progress)
+    failures = report.failures
     with log_to(None) as log:
-        log.info(f"predicted {len(files) - len(failures)} of {len(files)} images into {out}")
+        log.info(f"predicted {len(report.files) - len(failures)} of {len(report.files)} images into {report.out}")
         if failures:
-            log.info(f"{len(failures)} failed (all listed in {listing}):")
+            log.info(f"{len(failures)} failed (all listed in {report.listing}):")
             for p, m in failures[:20]:
                 log.info(f"  {p}: {m}")
             if len(failures) > 20:
@@ -521,15 +372,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# command -> the attribute holding its `key=value` overrides (for train and check-data: the positional list
+# that also holds the config file)
+_OVERRIDE_LISTS = {"train": "args", "check-data": "args", "eval": "overrides", "predict": "overrides",
+                   "export": "overrides", "analyze": "overrides"}
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # a dotted `key=value` override
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line, accepting `key=value` overrides anywhere on it (before, between or after the
+    --options): argparse stops filling a positional list at the first option, so what it leaves over is
+    appended to the command's override list. Unknown options stay errors (exit status 2)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--resume` takes an optional CKPT: an override right after it is an override, not a checkpoint
+    argv = ["--resume=" if a == "--resume" and _OVERRIDE.match(b) else a for a, b in zip(argv, [*argv[1:], ""])]
+    args, extras = parser.parse_known_args(argv)
+    target = _OVERRIDE_LISTS.get(args.command)
+    unknown = [e for e in extras if e.startswith("-") or target is None]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extras:
+        setattr(args, target, [*getattr(args, target), *extras])
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except ScalesegError as exc:
-        print(f"scaleseg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"scaleseg {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue a training run with --resume", file=sys.stderr)
+        if args.command == "prepare":
+            print(f"interrupted; finished files are kept: run the same `scaleseg prepare {args.dataset}` command "
+                  "again to continue where it stopped", file=sys.stderr)
+        elif args.command == "train":
+            print("interrupted; continue the run with --resume", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
 
 

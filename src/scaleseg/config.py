@@ -85,12 +85,13 @@ class DataConfig:
     # synthetic: the built-in generator; the others read a published layout under `root` (README, Datasets)
     dataset: Literal[
         "synthetic", "cityscapes", "voc", "voc_aug", "ade20k", "ade20k_full",
-        "cocostuff10k", "cocostuff164k", "coco_lvis", "folder",
+        "cocostuff10k", "cocostuff164k", "coco_lvis", "pascal_context", "folder",
     ] = "synthetic"
     root: str | None = None  # the extracted archive (or a prepared folder) of a file dataset
     train_split: str | None = None  # None: the dataset's own training split (e.g. trainaug for voc_aug)
     val_split: str | None = None  # None: the dataset's own evaluation split
-    on_bad_sample: Literal["error", "skip"] = "error"  # skip: replace a bad sample and warn with a count
+    # skip: leave bad samples out (training takes the next good one), each counted and logged
+    on_bad_sample: Literal["error", "skip"] = "error"
     # LVIS repeat-factor sampling: an image is repeated r = max(1, sqrt(t / f_c)) times per epoch over its
     # rarest class c (f_c: fraction of train images containing c); null = off, LVIS uses t = 0.001
     repeat_factor_threshold: float | None = None
@@ -169,9 +170,7 @@ class EmbeddingConfig:
     normalize: bool = True  # L2-normalise pixel and class embeddings
     search_backend: Literal["torch", "faiss"] = "torch"
     search_budget_mb: int = 256  # memory bound of the nearest-class search and the exact loss tiles
-    embedding_momentum: float = 0.95  # the class table's own optimizer group (ESS supplementary A)
-    embedding_poly_power: float = 0.95
-    embedding_lr_mult: float = 1.0  # the class table's LR as a multiple of optim.lr
+    # the class table's optimizer settings are optim.groups.class_embeddings (ESS supplementary A)
     # Cheaper hard negatives (ESS supplementary C); docs/benchmarks.md has their cost and accuracy.
     search_block: int = 1  # s: one nearest-class search per s x s block of loss pixels, shared by them
     search_index: Literal["exact", "ivf", "auto"] = "auto"  # ivf: approximate k-means index; auto: ivf
@@ -189,18 +188,12 @@ class EmbeddingConfig:
             _positive(getattr(self, name), f"{key}.{name}")
         if self.index_clusters < 0:
             raise ConfigError(f"{key}.index_clusters = {self.index_clusters}: must be >= 0 (0 = round(sqrt(C)))")
-        for name in ("temperature", "margin", "margin_weight", "embedding_momentum", "embedding_poly_power",
-                     "embedding_lr_mult"):
+        for name in ("temperature", "margin", "margin_weight"):
             _finite(getattr(self, name), f"{key}.{name}")
         if self.temperature <= 0:
             raise ConfigError(f"{key}.temperature = {self.temperature}: must be > 0")
         if self.margin < 0 or self.margin_weight < 0:
             raise ConfigError(f"{key}.margin and {key}.margin_weight must be >= 0")
-        _in_range(self.embedding_momentum, 0.0, 1.0, f"{key}.embedding_momentum", high_open=True)
-        if self.embedding_lr_mult <= 0:
-            raise ConfigError(f"{key}.embedding_lr_mult = {self.embedding_lr_mult}: must be > 0")
-        if self.embedding_poly_power < 0:
-            raise ConfigError(f"{key}.embedding_poly_power = {self.embedding_poly_power}: must be >= 0")
         if self.full_implementation == "linear" and self.distance != "squared":
             raise ConfigError(f"{key}.full_implementation = linear needs {key}.distance = squared; use auto or tiled")
 
@@ -213,8 +206,8 @@ class PyramidConfig:
     unity_channels: int = 64  # D_u of the unity head
     semantic_channels: int = 512  # D_s of the semantic head
     context: bool = True  # the coarse-to-fine contextual module; false = the "simplest" head of Table 6
-    context_bins: tuple[int, ...] = (1, 3, 6, 8)  # pyramid pooling of the context (Eq. 6)
-    tau: float = 0.9  # unity threshold of the fuse (Eq. 2); >= 1 uses the finest level alone
+    context_bins: tuple[int, ...] = (1, 3, 6, 8)  # pyramid pooling of the context (S&F Eq. 6)
+    tau: float = 0.9  # unity threshold of the fuse (S&F Eq. 2); >= 1 uses the finest level alone
     relabel: Literal["done_by_coarser", "simple_fix", "naive"] = "done_by_coarser"  # Table 7's policies
     relabel_tau: float | None = None  # true-positive threshold of the relabelling; null = tau
 
@@ -260,14 +253,22 @@ class HeadConfig:
         self.pyramid.validate(f"{key}.pyramid")
 
 
+BACKBONE_NAMES = (
+    "resnet_tiny", "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2",
+    "hrnet_tiny", "hrnetv2_w18", "hrnetv2_w32", "hrnetv2_w48",
+)
+TIMM_PREFIX = "timm:"  # model.backbone=timm:<name>: a timm encoder through its features_only interface
+
+
 @dataclass
 class ModelConfig:
-    backbone: Literal[
-        "resnet_tiny", "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2",
-        "hrnet_tiny", "hrnetv2_w18", "hrnetv2_w32", "hrnetv2_w48",
-    ] = "resnet_tiny"
+    # one of BACKBONE_NAMES (torchvision / official HRNet parameter names), or timm:<name> (needs timm)
+    backbone: str = "resnet_tiny"
     output_stride: Literal[8, 16, 32] = 16
     pretrained: str | None = None  # ImageNet state dict (.pth): torchvision's, or the official HRNet release
+    # refuse a pretrained file whose keys do not match the backbone's (another depth: resnet50 weights for
+    # resnet101 share every shape but leave layer3.6-22 random); false: load the matching keys, warn
+    pretrained_strict: bool = True
     backbone_bn_momentum: float = 0.01  # BatchNorm layers only (GroupNorm keeps no running statistics)
     # Norm layers of backbone, decoder and head. group: Group Normalization (Wu & He 2018; ESS Table 5 "GN"), per
     # image, so training works with 1-2 images per GPU (data.batch_size = 1 is allowed). ImageNet BN weights load
@@ -278,6 +279,17 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
 
     def validate(self, key: str) -> None:
+        timm = self.backbone.startswith(TIMM_PREFIX)
+        if self.backbone not in BACKBONE_NAMES and not (timm and len(self.backbone) > len(TIMM_PREFIX)):
+            close = difflib.get_close_matches(self.backbone, BACKBONE_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{key}.backbone = {self.backbone!r} is not allowed; choose one of "
+                f"{', '.join(repr(n) for n in BACKBONE_NAMES)}, or 'timm:<name>' for a timm encoder{hint}"
+            )
+        if timm and self.norm == "group":
+            raise ConfigError(f"{key}.norm = group replaces our backbones' norm layers; a timm encoder "
+                              f"({self.backbone}) keeps its own: use {key}.norm=batch")
         if self.pretrained is not None and not Path(self.pretrained).expanduser().is_file():
             raise ConfigError(
                 f"{key}.pretrained = {self.pretrained!r}: no such file. Give the path of an ImageNet state dict "
@@ -309,23 +321,61 @@ class ModelConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    """What one named parameter group gets; null = the optimizer's own value (optim.momentum, ...)."""
+
+    lr_mult: float = 1.0  # the group's LR = optim.lr x lr_mult
+    momentum: float | None = None
+    weight_decay: float | None = None
+    poly_power: float | None = None
+
+    def validate(self, key: str) -> None:
+        if self.lr_mult < 0:
+            raise ConfigError(f"{key}.lr_mult = {self.lr_mult}: must be >= 0 (0 freezes the group)")
+        if self.momentum is not None:
+            _in_range(self.momentum, 0.0, 1.0, f"{key}.momentum", high_open=True)
+        for name in ("weight_decay", "poly_power"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{key}.{name} = {value}: must be >= 0, or null for optim.{name}")
+
+
+@dataclass
+class ParamGroupsConfig:
+    """The optimizer groups the model's parts declare (Segmentor.param_groups), each with its settings, as
+    mmengine's paramwise_cfg.custom_keys or detectron2's overrides. Defaults: ESS supplementary A."""
+
+    backbone: ParamGroupConfig = field(default_factory=lambda: ParamGroupConfig(lr_mult=0.1))
+    decoder: ParamGroupConfig = field(default_factory=ParamGroupConfig)
+    head: ParamGroupConfig = field(default_factory=ParamGroupConfig)  # every head parameter but the class table
+    class_embeddings: ParamGroupConfig = field(  # the ESS class-embedding table
+        default_factory=lambda: ParamGroupConfig(momentum=0.95, poly_power=0.95)
+    )
+
+    def validate(self, key: str) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f"{key}.{f.name}")
+
+
+@dataclass
 class OptimConfig:
-    """SGD with poly LR stepped per iteration (ESS supplementary A)."""
+    """SGD with poly LR stepped per iteration (ESS supplementary A); per-group settings in `groups`."""
 
     lr: float = 0.1  # the default run trains from scratch; the paper uses 0.01 (ADE20K, COCO) with ImageNet weights
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
-    backbone_lr_mult: float = 0.1
     warmup_iters: int = 0  # linear warm-up from 0.1 x lr; 0 = none (the paper uses none)
     clip_grad_norm: float | None = None  # clip the global gradient norm to this value; null = no clipping
+    groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
 
     def validate(self, key: str) -> None:
         if self.lr <= 0:
             raise ConfigError(f"{key}.lr = {self.lr}: must be > 0")
         _in_range(self.momentum, 0.0, 1.0, f"{key}.momentum", high_open=True)
-        if self.weight_decay < 0 or self.poly_power < 0 or self.backbone_lr_mult < 0 or self.warmup_iters < 0:
-            raise ConfigError(f"{key}: weight_decay, poly_power, backbone_lr_mult and warmup_iters must be >= 0")
+        if self.weight_decay < 0 or self.poly_power < 0 or self.warmup_iters < 0:
+            raise ConfigError(f"{key}: weight_decay, poly_power and warmup_iters must be >= 0")
+        self.groups.validate(f"{key}.groups")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise ConfigError(f"{key}.clip_grad_norm = {self.clip_grad_norm}: must be > 0, or null for no clipping")
 
@@ -509,28 +559,58 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, base: Any = None) -> Any:
+    """An instance of the dataclass `cls`: `base` (default: `cls()`) with the keys of `raw` replaced. A
+    nested section starts from `base`'s own value, so `optim.groups.backbone.momentum=0.5` keeps that
+    group's default lr_mult."""
     where = prefix or "the config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping of keys, got {type(raw).__name__} {raw!r}")
+    base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
+            if dotted in RENAMED_KEYS:
+                raise ConfigError(f"config key {dotted!r} is now {RENAMED_KEYS[dotted]!r}; rename it")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {dotted!r}{hint}; allowed in {where}: {', '.join(names)}")
-        kwargs[key] = _coerce(hints[key], value, dotted)
-    return cls(**kwargs)
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value if value is not None else {}, dotted, getattr(base, key))
+        else:
+            kwargs[key] = _coerce(hints[key], value, dotted)
+    return dataclasses.replace(base, **kwargs)
+
+
+# keys of earlier versions -> their names now (configs are refused with the new name; the configs saved in
+# older checkpoints are carried over by `migrate_renamed_keys`)
+RENAMED_KEYS = {
+    "optim.backbone_lr_mult": "optim.groups.backbone.lr_mult",
+    "model.head.embedding.embedding_lr_mult": "optim.groups.class_embeddings.lr_mult",
+    "model.head.embedding.embedding_momentum": "optim.groups.class_embeddings.momentum",
+    "model.head.embedding.embedding_poly_power": "optim.groups.class_embeddings.poly_power",
+}
+
+
+def migrate_renamed_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a nested config dict with the keys of `RENAMED_KEYS` moved to their new names."""
+    raw = copy.deepcopy(raw)
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            _set_dotted(raw, new, node.pop(leaf))
+    return raw
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None

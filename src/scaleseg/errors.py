@@ -19,3 +19,22 @@ class DataError(ScalesegError):
 
 class CheckpointError(ScalesegError):
     """A checkpoint that is missing, corrupt, or from another model."""
+
+
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def user_message(exc: BaseException) -> str:
+    """The text the CLI prints for a ScalesegError.
+
+    An error raised in a DataLoader worker process reaches the main process re-created by PyTorch with the
+    worker's whole traceback as its message ("Caught DataError in DataLoader worker process 0. Original
+    Traceback ..."), which buries the file name under 20 lines; only the original message is kept."""
+    text = str(exc)
+    if _WORKER_TRACEBACK not in text:
+        return text
+    for prefix in (f"{type(exc).__module__}.{type(exc).__qualname__}: ", f"{type(exc).__qualname__}: "):
+        at = text.rfind("\n" + prefix)
+        if at >= 0:
+            return text[at + 1 + len(prefix):].strip()
+    return text

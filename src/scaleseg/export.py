@@ -5,10 +5,11 @@ ONNX: one graph from a normalised image to class ids,
     image  float32 (B, 3, H, W), RGB, (pixel - mean) / std with pixel in 0..255 (`to_tensor`)
     labels int64   (B, H, W) class ids
 
-with B, H and W dynamic. It is `predict_labels(model, image, EvalConfig())`: whole image, scale 1,
-no flip. With the embedding scorer the nearest-class search is inside the graph and never builds a
-C x H x W tensor: it walks the class table in fixed chunks of classes (their number is static, C is
-fixed at export) with a running best distance and index; ties go to the lower class id. A JSON
+with B, H and W dynamic. It is the model's own `predict` (what `scaleseg eval` runs for the whole
+image at scale 1 without flip), traced. With the embedding scorer the nearest-class search
+(`scaleseg.search.nearest_class`) is inside the graph and never builds a C x H x W tensor: it walks
+the class table in fixed chunks of classes (their number is static, C is fixed at export) with a
+running best distance and index; ties go to the lower class id. A JSON
 sidecar (same stem) records the normalisation, the classes, the layouts and where the model came from.
 
 safetensors: the model's state dict and a JSON sidecar with the checkpoint's config;
@@ -30,7 +31,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import scaleseg
@@ -54,23 +54,11 @@ def _require(module: str, purpose: str):
 
 
 class ExportablePredictor(nn.Module):
-    """image (B, 3, H, W) normalised -> labels (B, H, W) int64; equals `predict_labels(model, image,
-    EvalConfig())` exactly, written so that `torch.export` can trace it with dynamic B, H and W.
-
-    Used only for export. It differs from `model.decide(model.dense(image))` in form, not in values:
-
-    * the embedding scorer's nearest class is found in `chunk_classes`-wide chunks of the (normalised)
-      class table, an argmin per chunk merged into a running best (a strictly smaller distance wins,
-      so ties go to the lower class id); peak memory is B*H*W*chunk_classes*4 bytes, not C*H*W*4.
-      The table is a snapshot taken here: build the predictor after the weights are final;
-    * a pyramid head's inputs are padded to a multiple of its coarsest stride by an amount written as
-      `ceil(H / s) * s - H`, which the shape solver can reason about, and its fuse (Eq. 2) replaces
-      every unity pixel without the data-dependent "any unity cell?" shortcut or the level statistics.
-
-    While `export_onnx_file` traces it, the pyramid's context pooling and cell upsampling are swapped
-    for size-generic forms (`traceable_pyramid_pool`, `_upsample_cells`): the graph's values then
-    differ from PyTorch's by float rounding only, which the verification measures.
-    """
+    """image (B, 3, H, W) normalised -> labels (B, H, W) int64: `model.predict` (whole image, scale 1, no
+    flip), the very code `scaleseg eval` runs, with the embedding scorer's nearest-class search walking
+    the class table in `chunk_classes`-wide chunks (peak memory B*H*W*chunk_classes*4 bytes, not C*H*W*4;
+    ties go to the lower class id, as in eval). Every function on the way is traceable with dynamic B, H
+    and W (the pyramid's padding, pooling and cell upsampling included), so nothing is swapped in."""
 
     def __init__(self, model: nn.Module, chunk_classes: int = DEFAULT_CHUNK_CLASSES) -> None:
         super().__init__()
@@ -78,117 +66,18 @@ class ExportablePredictor(nn.Module):
             raise ScalesegError(
                 f"chunk_classes = {chunk_classes}: must be >= 1 (classes per step of the nearest-class search)"
             )
-        from scaleseg.models.heads.pyramid import PyramidHead
-        from scaleseg.models.heads.scorers import EmbeddingScorer
-
         self.model = model.eval()
-        self.pyramid = isinstance(model.head, PyramidHead)
-        scorer = model.head.scorers[-1] if self.pyramid else model.head.scorer
-        self.embedding = isinstance(scorer, EmbeddingScorer)
         self.chunk_classes = int(chunk_classes)
-        if self.embedding:
-            with torch.no_grad():
-                classes = scorer.classes().detach().float().contiguous()  # (C, d), as `decide` sees it
-            # constants of the graph (not in the state dict): the table and ||c||^2, as the search computes them
-            self.register_buffer("class_table", classes, persistent=False)
-            self.register_buffer("class_sq", classes.pow(2).sum(1), persistent=False)
+        table = model.head.class_table()
+        self.num_classes = None if table is None else int(table.shape[0])  # None: no class table to search
 
     @property
-    def num_chunks(self) -> int:
-        return -(-self.class_table.shape[0] // self.chunk_classes) if self.embedding else 1
+    def num_chunks(self) -> int | None:
+        """Steps of the nearest-class search in the graph; None without a class table."""
+        return None if self.num_classes is None else -(-self.num_classes // self.chunk_classes)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        dense = self._pyramid_dense(image) if self.pyramid else self.model.dense(image)  # (B, K, H, W)
-        if not self.embedding:
-            return self.model.decide(dense)  # argmax of the class probabilities
-        return self._nearest_class(dense)
-
-    def _nearest_class(self, dense: torch.Tensor) -> torch.Tensor:
-        """Unit pixel embeddings (B, d, H, W) -> nearest class ids (B, H, W), chunk by chunk.
-
-        Distances as `scaleseg.search`: ||c||^2 - 2 q.c (||q||^2 cannot change the order)."""
-        scorer = self.model.head.scorers[-1] if self.pyramid else self.model.head.scorer
-        B, d, H, W = dense.shape
-        queries = scorer._unit(dense, dim=1).permute(0, 2, 3, 1).reshape(-1, d)  # re-normalised, as `decide`
-        best_val = best_idx = None
-        num_classes = self.class_table.shape[0]
-        for c0 in range(0, num_classes, self.chunk_classes):
-            c1 = min(c0 + self.chunk_classes, num_classes)
-            dist = torch.addmm(self.class_sq[c0:c1], queries, self.class_table[c0:c1].T, alpha=-2.0)  # (N, chunk)
-            idx = dist.argmin(dim=1)  # the first (lowest) index on ties
-            val = dist.amin(dim=1)
-            if best_val is None:
-                best_val, best_idx = val, idx
-                continue
-            better = val < best_val  # strictly: an earlier (lower) class keeps a tie
-            best_val = torch.where(better, val, best_val)
-            best_idx = torch.where(better, idx + c0, best_idx)
-        return best_idx.reshape(B, H, W)
-
-    def _pyramid_dense(self, image: torch.Tensor) -> torch.Tensor:
-        """`PyramidHead.dense` of `Segmentor.dense`, traceable: (B, 3, H, W) -> fused (B, K, H, W)."""
-        from scaleseg.models.heads.single import resize_scores
-
-        head = self.model.head
-        H, W = image.shape[-2:]
-        s = head.size_divisor
-        padded = F.pad(image, (0, (W + s - 1) // s * s - W, 0, (H + s - 1) // s * s - H))  # zeros, as Segmentor
-        outputs = self.model(padded)  # no further padding: the size is a multiple of s
-        semantic = outputs["semantic"]
-        fused = head.scorers[-1].dense(resize_scores(semantic[-1], padded.shape[-2:]))[..., :H, :W]
-        if head.tau >= 1:
-            return fused
-        for index in reversed(range(len(semantic) - 1)):  # fine to coarse: the coarsest unity cell wins
-            stride = head.strides[index]
-            unity = _upsample_cells(torch.sigmoid(outputs["unity"][index].float()) >= head.tau, stride)[:, :H, :W]
-            cells = _upsample_cells(head.scorers[index].dense(semantic[index]), stride)[..., :H, :W]
-            fused = torch.where(unity[:, None], cells.to(fused.dtype), fused)
-        return fused
-
-
-def _upsample_cells(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """`upsample_cells` (each cell repeated factor x factor times, (..., h, w) -> (..., h*f, w*f)) as a
-    view, expand and reshape: the same values, and a far smaller traced graph than repeat_interleave."""
-    if factor == 1:
-        return x
-    *lead, h, w = x.shape
-    return x[..., :, None, :, None].expand(*lead, h, factor, w, factor).reshape(*lead, h * factor, w * factor)
-
-
-def _pool_matrix(size, bins: int, like: torch.Tensor) -> torch.Tensor:
-    """(bins, size) averaging weights of adaptive average pooling: bin i covers [floor(i * size / bins),
-    ceil((i + 1) * size / bins)), as `F.adaptive_avg_pool2d`. `size` may be symbolic (traced)."""
-    i = torch.arange(bins, device=like.device)
-    start = (i * size) // bins
-    end = ((i + 1) * size + bins - 1) // bins
-    j = torch.arange(size, device=like.device)
-    inside = (j[None] >= start[:, None]) & (j[None] < end[:, None])
-    return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
-
-
-def traceable_pyramid_pool(x: torch.Tensor, bins: tuple[int, ...]) -> torch.Tensor:
-    """`pyramid_pool` as matrix products whose sizes follow the input's: (B, D, h, w) -> (B, D, sum(b * b)).
-
-    `torch.export` fixes the bin boundaries of `F.adaptive_avg_pool2d` at the traced size (the ONNX graph
-    then fails or is wrong at other sizes); these weights are computed from the size at run time. The
-    sums run in another order, so values differ from PyTorch's by float rounding."""
-    h, w = x.shape[-2:]
-    pooled = [(_pool_matrix(h, b, x) @ x @ _pool_matrix(w, b, x).T).flatten(2) for b in bins]
-    return torch.cat(pooled, dim=2)
-
-
-@contextmanager
-def _traceable_pyramid_head() -> Iterator[None]:
-    """While tracing: the pyramid head's context pooling and cell upsampling in the traceable forms above
-    (module functions of `scaleseg.models.heads.pyramid`, swapped back afterwards)."""
-    from scaleseg.models.heads import pyramid
-
-    originals = pyramid.pyramid_pool, pyramid.upsample_cells
-    pyramid.pyramid_pool, pyramid.upsample_cells = traceable_pyramid_pool, _upsample_cells
-    try:
-        yield
-    finally:
-        pyramid.pyramid_pool, pyramid.upsample_cells = originals
+        return self.model.predict(image, chunk_classes=self.chunk_classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +177,7 @@ def export_onnx_file(predictor: ExportablePredictor, path: str | Path, example_s
     example = random_images((2, *example_size))  # batch 2: a batch of 1 would be specialised to 1
     dynamic = {"image": {0: "batch", 2: "height", 3: "width"}}
     try:
-        with _quiet_exporter(), _traceable_pyramid_head(), torch.no_grad():
+        with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
                 predictor, (example,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_shapes=dynamic, dynamo=True, verbose=False,
@@ -403,7 +292,7 @@ def export_onnx(
         facts["verification"] = verify_onnx(tmp, predictor, verify_shapes) if verify else None
 
     atomic_write(path, write)
-    if predictor.embedding:
+    if predictor.num_chunks is not None:
         facts["chunk_classes"] = predictor.chunk_classes
         facts["chunks"] = predictor.num_chunks
     _write_json(sidecar, onnx_sidecar(ckpt, checkpoint, facts))
@@ -450,9 +339,7 @@ def load_safetensors_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild a model from `scaleseg export --format safetensors` output: <stem>.safetensors and
     <stem>.json beside it. -> (model in eval mode on the CPU, the sidecar dict). Strict: every weight
     must be in the file, with its shape. Needs no `torch.load` (no pickle)."""
-    from scaleseg.config import apply_overrides, config_from_dict
-    from scaleseg.engine.checkpoint import load_model_state
-    from scaleseg.models import build_model
+    from scaleseg.engine.checkpoint import config_from_checkpoint, model_from_checkpoint
 
     st = _require("safetensors.torch", "load_safetensors_model")
     path = Path(path).expanduser()
@@ -475,7 +362,6 @@ def load_safetensors_model(path: str | Path) -> tuple[nn.Module, dict]:
         state = st.load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types for a corrupt header
         raise CheckpointError(f"{str(path)!r} cannot be read as safetensors ({exc}); it is corrupt or truncated") from None
-    cfg = config_from_dict(apply_overrides(meta["config"], ["model.pretrained=null"]))
-    model = build_model(cfg.model, int(meta["num_classes"]), int(meta["ignore_index"]))
-    load_model_state(model, {"model": state, "config": meta["config"]}, path, cfg.to_dict())
-    return model.eval(), meta
+    as_checkpoint = {"model": state, "config": meta["config"], "num_classes": meta["num_classes"],
+                     "ignore_index": meta["ignore_index"]}
+    return model_from_checkpoint(config_from_checkpoint(as_checkpoint), as_checkpoint, path), meta

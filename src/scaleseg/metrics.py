@@ -5,10 +5,18 @@ and predicted c), the prediction area P_c and the label area L_c, counted over n
 only. From them (conventions of mmsegmentation, see docs):
 
     IoU_c = I_c / (P_c + L_c - I_c)      NaN where the union is 0 (class absent from both)
-    Acc_c = I_c / L_c                    NaN where the class is absent from the labels
-    mIoU  = nanmean_c IoU_c,   mAcc = nanmean_c Acc_c
+    Acc_c = I_c / L_c                    NaN where the class is absent from the labels (= recall)
+    Dice_c = 2 I_c / (P_c + L_c)         NaN where the class is absent from both
+    Precision_c = I_c / P_c              NaN where the class is never predicted
+    Recall_c = I_c / L_c                 (= Acc_c)
+    Fscore_c = 2 Precision_c Recall_c / (Precision_c + Recall_c)   (beta = 1; NaN where either is NaN)
+    mIoU  = nanmean_c IoU_c,   mAcc = nanmean_c Acc_c, and mDice, mPrecision, mRecall, mFscore alike
     aAcc  = sum_c I_c / sum_c L_c        (pixel accuracy)
     fwIoU = sum_c (L_c / sum L) IoU_c    (classes with L_c = 0 contribute 0)
+
+These are mmsegmentation's `IoUMetric` definitions (its mDice / mFscore / mPrecision / mRecall): mFscore
+equals mDice except that a class labelled but never predicted counts 0 in mDice and is left out of
+mFscore (its precision is undefined).
 
 No C x C confusion matrix is built, so 100,000 classes cost three int64 vectors.
 """
@@ -92,22 +100,41 @@ class SegmentationMetrics:
         return torch.stack([self.intersection, self.pred_area, self.label_area])
 
     def compute(self) -> dict:
-        """Return mIoU, aAcc, mAcc, fwIoU (floats in [0, 1], NaN if undefined) and per-class IoU/Acc arrays."""
+        """Return the scalar metrics (floats in [0, 1], NaN if undefined: mIoU, aAcc, mAcc, fwIoU, mDice,
+        mPrecision, mRecall, mFscore) and the per-class arrays (IoU, Acc, Dice, Precision, Recall, Fscore,
+        and the three counts)."""
         inter, pred, label = (c.double().cpu().numpy() for c in self.counts())
         union = pred + label - inter
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
             acc = np.where(label > 0, inter / np.maximum(label, 1), np.nan)
+            dice = np.where(pred + label > 0, 2 * inter / np.maximum(pred + label, 1), np.nan)
+            precision = np.where(pred > 0, inter / np.maximum(pred, 1), np.nan)
+            fscore = np.where(precision + acc > 0, 2 * precision * acc / (precision + acc), 0.0)
+            fscore[np.isnan(precision) | np.isnan(acc)] = np.nan
         total = label.sum()
-        present = ~np.isnan(iou)
         return {
-            "mIoU": float(np.mean(iou[present])) if present.any() else math.nan,
+            "mIoU": _nanmean(iou),
             "aAcc": float(inter.sum() / total) if total > 0 else math.nan,
-            "mAcc": float(np.nanmean(acc)) if (label > 0).any() else math.nan,
+            "mAcc": _nanmean(acc),
             "fwIoU": float(np.sum(label / total * np.nan_to_num(iou))) if total > 0 else math.nan,
+            "mDice": _nanmean(dice),
+            "mPrecision": _nanmean(precision),
+            "mRecall": _nanmean(acc),
+            "mFscore": _nanmean(fscore),
             "IoU": iou,
             "Acc": acc,
+            "Dice": dice,
+            "Precision": precision,
+            "Recall": acc,
+            "Fscore": fscore,
             "intersection": inter.astype(np.int64),
             "pred_area": pred.astype(np.int64),
             "label_area": label.astype(np.int64),
         }
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """The mean over the defined (non-NaN) entries; NaN if there are none."""
+    defined = ~np.isnan(values)
+    return float(values[defined].mean()) if defined.any() else math.nan

@@ -410,3 +410,49 @@ def index_recall(found: torch.Tensor, exact: torch.Tensor) -> float:
     approximate result (N, k) also holds, over all queries."""
     hits = (found.unsqueeze(2) == exact.unsqueeze(1)).any(dim=1)  # (N, k): exact neighbour j found?
     return float(hits.float().mean())
+
+
+def nearest_class(
+    queries: torch.Tensor,
+    class_embeddings: torch.Tensor,
+    *,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    chunk_classes: int | None = None,
+) -> torch.Tensor:
+    """Index (N,) int64 of the nearest row of `class_embeddings` (C, d) to each row of `queries` (N, d)
+    by L2 distance; exact ties go to the lower class id. No gradient.
+
+    The prediction of the embedding scorer, in eval and in the ONNX export alike: the classes are walked
+    in chunks of `chunk_classes` (default: as many as the budget allows for 1024 queries) with a running
+    minimum, the queries in tiles of `budget_bytes`. Under `torch.export` the queries are one tile (their
+    number is symbolic), so the graph's peak is N x chunk_classes x 4 bytes, whatever C."""
+    _check(queries, class_embeddings, 1)
+    with torch.no_grad():
+        q = queries.detach().float()
+        c = class_embeddings.detach().float()
+        C = c.shape[0]
+        cols = chunk_classes or max(1, min(C, budget_bytes // (_BYTES_PER_CELL * _QUERY_TILE)))
+        c_sq = c.pow(2).sum(1)  # (C,); ||q||^2 is the same for every class: it cannot change the order
+        if torch.compiler.is_exporting():
+            return _nearest_class_tile(q, c, c_sq, cols)
+        rows = max(1, budget_bytes // (_BYTES_PER_CELL * cols))
+        out = torch.empty(q.shape[0], dtype=torch.int64, device=q.device)
+        for r0 in range(0, q.shape[0], rows):
+            out[r0 : r0 + rows] = _nearest_class_tile(q[r0 : r0 + rows], c, c_sq, cols)
+        return out
+
+
+def _nearest_class_tile(q: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor, cols: int) -> torch.Tensor:
+    """(n,) nearest class of each query, class chunk by class chunk; a later chunk wins only if strictly
+    nearer, and within a chunk argmin keeps the first minimum: ties go to the lower class id."""
+    best_val = best_idx = None
+    for c0 in range(0, c.shape[0], cols):
+        dist = torch.addmm(c_sq[c0 : c0 + cols], q, c[c0 : c0 + cols].T, alpha=-2.0)  # (n, chunk)
+        val, idx = dist.min(dim=1)
+        if best_val is None:
+            best_val, best_idx = val, idx
+            continue
+        better = val < best_val
+        best_val = torch.where(better, val, best_val)
+        best_idx = torch.where(better, idx + c0, best_idx)
+    return best_idx

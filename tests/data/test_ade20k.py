@@ -64,8 +64,11 @@ def test_ade20k_missing_annotation_names_the_file(tmp_path):
     _jpeg(tmp_path / "images" / "training" / "ADE_train_00000009.jpg", 3, 4)
     with pytest.raises(DataError, match=r"ADE_train_00000009\.png"):
         ADE20K(tmp_path, "train")
-    with pytest.warns(UserWarning, match="skipping 1 of 2"):
-        assert len(ADE20K(tmp_path, "train", on_bad_sample="skip")) == 1
+    with pytest.warns(UserWarning, match="1 of 2 samples lack a file and will be skipped"):
+        ds = ADE20K(tmp_path, "train", on_bad_sample="skip")
+    assert len(ds) == 2  # listed; skipped (and counted) when read
+    item, skipped = ds.load_or_skip(1, substitute=False)
+    assert item is None and len(skipped) == 1 and "ADE_train_00000009.png" in skipped[0]
 
 
 def test_ade20k_bad_labels_name_the_file(tmp_path):
@@ -142,7 +145,8 @@ def _release(root, objects=True):
 def _prepare(root, out, *extra):
     parser = argparse.ArgumentParser()
     ade20k_full.add_arguments(parser)
-    args = parser.parse_args(["--root", str(root), "--out", str(out), "--num-classes", "3", "--no-progress", *extra])
+    args = parser.parse_args(["--root", str(root), "--out", str(out), "--classes", "ranked", "--num-classes", "3",
+                              "--no-progress", *extra])
     return ade20k_full.run(args)
 
 
@@ -301,7 +305,8 @@ def test_prepare_command_line(tmp_path, capsys):
     from scaleseg.cli import main
 
     root = _release(tmp_path / "release")
-    assert main(["prepare", "ade20k-full", "--root", str(root), "--out", str(tmp_path / "out"), "--num-classes", "3", "--no-progress"]) == 0
+    assert main(["prepare", "ade20k-full", "--root", str(root), "--out", str(tmp_path / "out"), "--classes", "ranked",
+                 "--num-classes", "3", "--no-progress"]) == 0
     assert ADE20KFull(tmp_path / "out", "train").num_classes == 3
     assert main(["prepare", "ade20k-full", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
     assert "no images/ADE folder" in capsys.readouterr().err

@@ -95,11 +95,17 @@ def test_missing_files_stop_or_are_skipped_with_a_count(tmp_path):
     _write(tmp_path, "b", np.ones((2, 2)))
     (tmp_path / "labels" / "b.png").unlink()
     _split(tmp_path, ["a", "b", "c"])
-    with pytest.raises(DataError, match=r"3 listed files do not exist.*on_bad_sample=skip"):
+    with pytest.raises(DataError, match=r"2 of 3 samples lack a file.*b\.png.*c\.png.*on_bad_sample=skip"):
         Toy(tmp_path, "train")
-    with pytest.warns(UserWarning, match=r"skipping 2 of 3 samples"):
+    with pytest.warns(UserWarning, match=r"2 of 3 samples lack a file and will be skipped"):
         ds = Toy(tmp_path, "train", on_bad_sample="skip")
-    assert [s.name for s in ds.samples] == ["a"]
+    assert [s.name for s in ds.samples] == ["a", "b", "c"]  # listed, each skipped when read
+    assert ds.load_or_skip(0, substitute=False)[0]["name"] == "a"
+    item, skipped = ds.load_or_skip(1, substitute=False)  # evaluation: left out
+    assert item is None and skipped == [f"image {str(tmp_path / 'images' / 'b.png')!r} has no label "
+                                        f"(expected {str(tmp_path / 'labels' / 'b.png')!r})"]
+    item, skipped = ds.load_or_skip(1, substitute=True)  # training: replaced by the next good one (c is bad too)
+    assert item["name"] == "a" and len(skipped) == 2
 
 
 def test_skip_mode_replaces_a_bad_sample_by_the_next_and_counts(tmp_path):

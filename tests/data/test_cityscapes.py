@@ -119,12 +119,15 @@ def test_prepare_writes_train_ids_equal_to_direct_decoding_and_skips_on_rerun(tm
     assert "0 trainId label maps written, 4 already present" in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in outputs] == mtimes
 
-    # a damaged output (e.g. from another tool) is rewritten; only that one
+    # a damaged output (e.g. from another tool) is rewritten; only that one; a killed run's temporary file goes
     outputs[0].write_bytes(b"not a png")
+    stale = outputs[1].with_name(f".{outputs[1].name}.4242.tmp")
+    stale.write_bytes(b"")
     assert cli_main(["prepare", "cityscapes", "--root", str(tmp_path), "--splits", "train", "--no-progress"]) == 0
     assert "1 trainId label maps written, 2 already present" in capsys.readouterr().out
     with Image.open(outputs[0]) as im:
         assert im.mode == "L"
+    assert not stale.exists()
 
 
 def test_prepare_reports_missing_split_folder(tmp_path, capsys):
@@ -140,9 +143,9 @@ def test_missing_image_is_reported_or_skipped(tmp_path):
     missing.unlink()
     with pytest.raises(DataError, match="bochum_000000_000019_leftImg8bit.png"):
         Cityscapes(tmp_path, "train")
-    with pytest.warns(UserWarning, match="skipping 1 of 3"):
+    with pytest.warns(UserWarning, match="1 of 3 samples lack a file and will be skipped"):
         ds = Cityscapes(tmp_path, "train", on_bad_sample="skip")
-    assert len(ds) == 2
+    assert len(ds) == 3 and ds.load_or_skip(2, substitute=False)[0] is None
 
 
 def test_missing_label_is_reported(tmp_path):

@@ -340,3 +340,51 @@ def test_merge_name_check_warns_on_a_foreign_vocabulary(coco):
         warnings.simplefilter("always")
         build(coco["tmp"] / "other.json", coco["stuff"], coco["images"], coco["out"], progress=False, workers=1)
     assert any("LVIS category 110" in str(w.message) and "bed_sheet" in str(w.message) for w in caught)
+
+
+# ---------------------------------------------------------------- a resumed build is a build of the same inputs
+def test_a_build_from_other_inputs_is_refused_and_rebuilt_with_overwrite(coco, capsys):
+    """The builder's own advice (both stuff files for val) after a first build with one: the labels of the
+    first build must not be kept as "already complete"."""
+    from scaleseg.cli import main
+
+    out = coco["out"]
+    with pytest.warns(UserWarning, match="none of the --stuff files"):
+        build(coco["lvis"], [coco["stuff"][0]], coco["images"], out, split="val", progress=False, workers=1)
+    lvis_only = np.full((4, 5), IGN)
+    lvis_only[0:2, 0:2] = 180
+    np.testing.assert_array_equal(_label(out, "000000000002", "val"), lvis_only)
+    (out / "labels" / "val" / ".000000000002.png.4242.tmp").write_bytes(b"")  # a write killed by SIGKILL
+
+    argv = ["prepare", "coco-lvis", "--lvis", str(coco["lvis"]), "--stuff", *map(str, coco["stuff"]),
+            "--images", str(coco["images"]), "--out", str(out), "--split", "val", "--workers", "1", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "stuff_train.json" in err and "--overwrite" in err and "labels" in err
+    np.testing.assert_array_equal(_label(out, "000000000002", "val"), lvis_only)  # nothing was changed
+
+    assert main([*argv, "--overwrite"]) == 0
+    assert "3 images (3 built, 0 already complete)" in capsys.readouterr().out
+    for name, expected in EXPECTED.items():
+        np.testing.assert_array_equal(_label(out, name, "val"), expected)
+    assert not list((out / "labels" / "val").glob(".*.tmp"))  # the stale temporary file is gone
+    record = json.loads((out / "build_val.json").read_text())
+    assert sorted(i["file"] for i in record["inputs"]["stuff"]) == sorted(str(p.resolve()) for p in coco["stuff"])
+
+    # the same inputs (even touched, or under --limit) resume; changed content is refused again
+    os.utime(coco["stuff"][1], (1, 1))
+    assert main(argv) == 0
+    assert "3 images (0 built, 3 already complete)" in capsys.readouterr().out
+    data = json.loads(coco["stuff"][1].read_text())
+    data["annotations"] = data["annotations"][:1]
+    coco["stuff"][1].write_text(json.dumps(data))
+    assert main(argv) == 2
+    assert "other inputs" in capsys.readouterr().err
+
+
+def test_a_resume_removes_the_temporary_files_of_a_killed_build(coco):
+    _build(coco)
+    stale = coco["out"] / "labels" / "train" / ".000000000003.png.999.tmp"
+    stale.write_bytes(b"")
+    assert _build(coco)["images_built"] == 0
+    assert not stale.exists()

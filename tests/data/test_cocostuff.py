@@ -82,7 +82,7 @@ def test_164k_from_config_and_bad_files(tmp_path):
         ds[0]
     # an image without its annotation
     _jpg(tmp_path / "images" / "train2017" / "b.jpg", 2, 2)
-    with pytest.raises(DataError, match=r"1 listed files do not exist.*b\.png"):
+    with pytest.raises(DataError, match=r"1 of 2 samples lack a file.*b\.jpg.* has no label .*b\.png"):
         COCOStuff164k(tmp_path, "train")
     with pytest.raises(DataError, match=r"images/val2017.*does not exist"):
         COCOStuff164k(tmp_path, "val")
@@ -157,7 +157,7 @@ def test_10k_bad_files(tmp_path):
         ds[2]
     with pytest.raises(DataError, match=r"d\.jpg.*2x2.*d\.mat.*3x2"):
         ds[3]
-    with pytest.raises(DataError, match=r"2 listed files do not exist.*e\.jpg.*e\.mat"):
+    with pytest.raises(DataError, match=r"1 of 1 samples lack a file.*neither .*e\.jpg.* nor .*e\.mat.* exists"):
         COCOStuff10k(tmp_path, "val")
     (tmp_path / "imageLists" / "test.txt").unlink()
     with pytest.raises(DataError, match=r"split list.*test\.txt.*does not exist"):

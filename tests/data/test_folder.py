@@ -114,11 +114,13 @@ def test_unpaired_files_are_listed_or_skipped(tmp_path):
     with pytest.raises(DataError) as info:
         FolderSegmentation(tmp_path, "train")
     message = str(info.value)
-    assert "1 images have no label" in message and str(tmp_path / "images/train/lonely.jpg") in message
-    assert "1 labels have no image" in message and str(tmp_path / "labels/train/sub/orphan.png") in message
-    with pytest.warns(UserWarning, match="skipping these 2 of 4"):
+    assert "2 of 4 samples lack a file" in message
+    assert f"image {str(tmp_path / 'images/train/lonely.jpg')!r} has no label (expected labels/train/lonely.png or .tif" in message
+    assert f"label {str(tmp_path / 'labels/train/sub/orphan.png')!r} has no image (expected images/train/sub/orphan." in message
+    with pytest.warns(UserWarning, match="2 of 4 samples lack a file and will be skipped"):
         ds = FolderSegmentation(tmp_path, "train", on_bad_sample="skip")
-    assert [s.name for s in ds.samples] == ["a/x", "b"]
+    assert [s.name for s in ds.samples] == ["a/x", "b", "lonely", "sub/orphan"]
+    assert [ds.load_or_skip(i, substitute=False)[0] is None for i in range(4)] == [False, False, True, True]
 
 
 def test_bad_inputs_raise_data_errors_naming_the_file(tmp_path):

@@ -65,6 +65,12 @@ def test_dataset_configs_name_real_loaders_with_their_class_counts():
     assert {"cityscapes", "voc_aug", "ade20k", "cocostuff10k", "coco_lvis"} <= seen  # the ESS paper's five
     assert load_config(CONFIGS / "_base_" / "datasets" / "cocostuff10k.yaml").data.num_classes == 182  # paper setting
     assert load_config(CONFIGS / "_base_" / "datasets" / "cocolvis.yaml").data.num_classes == 1284
+    assert load_config(CONFIGS / "_base_" / "datasets" / "pascal_context.yaml").data.num_classes == 59  # the benchmark
+    for name in ("hrnet48", "r101"):  # Specialize and Fuse 5.1.1: LR 0.001, 200 epochs of 4,998 images, batch 16, crop 512
+        cfg = load_config(CONFIGS / "pyramid" / f"pascal_context_{name}.yaml")
+        assert (cfg.data.dataset, cfg.optim.lr, cfg.data.batch_size, cfg.data.train_pipeline.crop_size) == \
+            ("pascal_context", 0.001, 16, (512, 512))
+        assert cfg.train.iters == 200 * 4998 // 16 and cfg.model.head.structure == "pyramid"
 
 
 def test_paper_config_trains_and_evaluates_on_ade20k_files(tmp_path):

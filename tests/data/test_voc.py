@@ -146,8 +146,8 @@ def test_voc_bad_inputs_raise_data_errors_naming_the_file(tmp_path):
     (voc / "ImageSets/Segmentation/train.txt").write_text("2007_000032\n2009_999999\n")
     with pytest.raises(DataError, match="2009_999999.jpg"):
         PascalVOC(tmp_path, "train")
-    with pytest.warns(UserWarning, match="skipping 1 of 2"):
-        assert len(PascalVOC(tmp_path, "train", on_bad_sample="skip")) == 1
+    with pytest.warns(UserWarning, match="1 of 2 samples lack a file and will be skipped"):
+        assert len(PascalVOC(tmp_path, "train", on_bad_sample="skip")) == 2
     # a missing split file
     with pytest.raises(DataError, match="train_missing.txt"):
         PascalVOC(tmp_path, "train_missing")
@@ -248,12 +248,14 @@ def test_prepare_voc_aug_builds_trainaug_and_resumes(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in aug.iterdir()} == mtimes
     assert (voc / "ImageSets/Segmentation/trainaug.txt").stat().st_mtime_ns == list_mtime
 
-    # an interrupted run (a mask and the list missing) is completed; --sbd may also name dataset/
+    # an interrupted run (a mask and the list missing, a write killed half-way) is completed; --sbd may also name dataset/
     (aug / "2008_000003.png").unlink()
+    (aug / ".2008_000003.png.4242.tmp").write_bytes(b"")
     (voc / "ImageSets/Segmentation/trainaug.txt").unlink()
     assert prepare(tmp_path, sbd / "dataset") == 0
     assert "1 masks written, 3 already present" in capsys.readouterr().out
     assert len(PascalVOCAug(tmp_path, "train")) == 4
+    assert sorted(p.stem for p in aug.iterdir()) == TRAINAUG
 
 
 def test_voc_aug_missing_masks_point_to_the_converter(tmp_path, capsys):

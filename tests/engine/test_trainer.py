@@ -43,7 +43,7 @@ def test_training_run_writes_the_work_dir(tmp_path, tiny_overrides):
     work = tmp_path / "run"
     cfg = load_config(None, tiny_overrides + ["train.iters=12", "train.eval_interval=6"])
     result = Trainer(cfg, work_dir=work).run()
-    assert set(result) == {"mIoU", "aAcc", "mAcc", "fwIoU"}
+    assert set(result) == {"mIoU", "aAcc", "mAcc", "fwIoU", "mDice", "mFscore", "mPrecision", "mRecall"}
     train_rows, val_rows = read_scalars(work)
     assert [r["iter"] for r in train_rows] == list(range(1, 13))
     assert [r["iter"] for r in val_rows] == [6, 12]
@@ -199,7 +199,7 @@ def test_embedding_scorer_trains(tmp_path, tiny_overrides, loss):
 def test_gradient_clipping_bounds_the_first_update(tmp_path, tiny_overrides):
     from scaleseg.engine.checkpoint import load_checkpoint
 
-    overrides = tiny_overrides + ["optim.momentum=0", "optim.weight_decay=0", "optim.backbone_lr_mult=1",
+    overrides = tiny_overrides + ["optim.momentum=0", "optim.weight_decay=0", "optim.groups.backbone.lr_mult=1",
                                   "optim.clip_grad_norm=0.01", "train.iters=1", "train.checkpoint_interval=1"]
     cfg = load_config(None, overrides)
     torch.manual_seed(cfg.train.seed)

@@ -203,7 +203,9 @@ def test_output_stride_does_not_change_parameter_shapes(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_channel_attributes(name: str) -> None:
     model = cached_model(name, 8)
-    assert (model.low_level_channels, model.out_channels) == CHANNELS[name]
+    channels = model.feature_info.channels()
+    assert len(channels) == 4 and (channels[0], channels[-1]) == CHANNELS[name]
+    assert model.feature_info.reduction() == [4, 8, 8, 8]  # dilated stages keep stride 8
     assert model.output_stride == 8
 
 
@@ -220,16 +222,23 @@ INPUT_HW = {"resnet34": (45, 67), "resnet50": (45, 67), "resnet101": (33, 47)}
 def test_forward_shapes(name: str, output_stride: int) -> None:
     h, w = INPUT_HW.get(name, (97, 131))
     low_ch, out_ch = CHANNELS[name]
+    model = cached_model(name, output_stride)
     with torch.no_grad():
-        low, out = cached_model(name, output_stride)(torch.randn(2, 3, h, w))
+        features = model(torch.randn(2, 3, h, w))
+    low, out = features[0], features[-1]
     assert low.shape == (2, low_ch, math.ceil(h / 4), math.ceil(w / 4))
     assert out.shape == (2, out_ch, math.ceil(h / output_stride), math.ceil(w / output_stride))
     assert torch.isfinite(out).all()
+    # every map as feature_info says: strides 4, 8, 16, 32, each capped at the output stride
+    info = model.feature_info
+    assert info.reduction() == [min(s, output_stride) for s in (4, 8, 16, 32)]
+    for x, ch, red in zip(features, info.channels(), info.reduction(), strict=True):
+        assert x.shape == (2, ch, math.ceil(h / red), math.ceil(w / red))
 
 
 def test_forward_shapes_even_input() -> None:
     with torch.no_grad():
-        low, out = cached_model("mobilenet_v2", 16)(torch.randn(1, 3, 64, 96))
+        low, *_, out = cached_model("mobilenet_v2", 16)(torch.randn(1, 3, 64, 96))
     assert low.shape == (1, 24, 16, 24) and out.shape == (1, 320, 4, 6)
 
 
@@ -305,8 +314,8 @@ def test_dilation_is_a_trous_equivalent_to_stride(name: str, output_stride: int)
     dilated.load_state_dict(strided.state_dict())
     x = torch.randn(1, 3, *INPUT_HW.get(name, (97, 131)))
     with torch.no_grad():
-        low_s, out_s = strided(x)
-        low_d, out_d = dilated(x)
+        low_s, *_, out_s = strided(x)
+        low_d, *_, out_d = dilated(x)
     step = 32 // output_stride
     torch.testing.assert_close(low_d, low_s)
     sampled = out_d[..., ::step, ::step]
@@ -340,7 +349,7 @@ def test_group_norm_layer(name: str) -> None:
     model = build_backbone(name, norm_layer=lambda c: nn.GroupNorm(8, c), bn_momentum=0.01)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
-    low, out = model(torch.randn(1, 3, 40, 40))
+    low, *_, out = model(torch.randn(1, 3, 40, 40))
     assert low.shape[-2:] == (10, 10) and out.shape[-2:] == (3, 3)
 
 
@@ -370,7 +379,7 @@ def test_bad_output_stride(output_stride: int) -> None:
 def test_tiny_forward_backward_batch_8() -> None:
     torch.manual_seed(0)
     model = build_backbone("resnet_tiny").train()
-    low, out = model(torch.randn(8, 3, 128, 128))
+    low, *_, out = model(torch.randn(8, 3, 128, 128))
     assert low.shape == (8, 16, 32, 32) and out.shape == (8, 128, 8, 8)
     (low.mean() + out.mean()).backward()
     for k, p in model.named_parameters():
@@ -488,8 +497,10 @@ def test_partial_checkpoint_warns_and_reports(tmp_path, caplog) -> None:
     ckpt["extra.weight"] = torch.zeros(3)
     path = tmp_path / "partial.pth"
     torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="2 resnet_tiny keys are missing .*1 of its keys are unexpected"):
+        build_backbone("resnet_tiny", pretrained=path)  # strict by default
     with caplog.at_level(logging.WARNING, logger="scaleseg"):
-        model = build_backbone("resnet_tiny", pretrained=path)
+        model = build_backbone("resnet_tiny", pretrained=path, pretrained_strict=False)
     report = model.pretrained_report
     assert report.missing == ["layer4.0.conv2.weight", "layer4.0.bn2.weight"]
     assert report.unexpected == ["extra.weight"]

@@ -85,8 +85,8 @@ def test_class_embeddings_have_their_own_optimizer_group():
     assert emb["lr"] == pytest.approx(cfg.optim.lr * 0.5**0.95)
     assert groups["head"]["lr"] == pytest.approx(cfg.optim.lr * 0.5**0.9)
 
-    # embedding_lr_mult scales the table's LR alone
-    model, cfg = embedding_model(20, "model.head.embedding.embedding_lr_mult=30")
+    # optim.groups.class_embeddings.lr_mult scales the table's LR alone
+    model, cfg = embedding_model(20, "optim.groups.class_embeddings.lr_mult=30")
     opt = build_optimizer(model, cfg.optim)
     groups = {g["name"]: g for g in opt.param_groups}
     set_poly_lr(opt, 50, 100)

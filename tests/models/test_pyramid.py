@@ -410,10 +410,9 @@ def test_embedding_scorers_share_one_class_table_listed_once():
     tables = {id(s.class_embeddings) for s in model.head.scorers}
     assert len(tables) == 1
     groups = model.param_groups()
-    ids = [id(p) for g in groups for p in g["params"]]
+    ids = [id(p) for params in groups.values() for p in params]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    table_group = next(g for g in groups if g["name"] == "class_embeddings")
-    assert table_group["params"] == [model.head.scorers[0].class_embeddings]
+    assert groups["class_embeddings"] == [model.head.scorers[0].class_embeddings]
     build_optimizer(model, cfg.optim)  # a parameter in two groups would raise here
 
 
@@ -429,13 +428,13 @@ def test_model_on_odd_sizes_pads_and_crops(scorer):
     terms["loss"].backward()
     assert torch.isfinite(terms["loss"]) and {"ce", "unity"} <= set(terms)
     model.eval()
-    model.head.reset_level_stats()
-    dense = model.dense(images)
+    dense, counts = model.dense_with_counts(images)
     assert dense.shape == (2, 7 if scorer == "linear" else 6, 45, 70)
-    fractions = model.head.level_fractions()
-    assert set(fractions) == {"stride_32", "stride_16", "stride_8", "stride_4"}
-    assert sum(fractions.values()) == pytest.approx(1.0)
-    assert int(model.head.level_pixels.sum()) == 2 * 45 * 70
+    assert torch.equal(model.dense(images), dense)
+    fractions = model.head.summarize_counts(counts)
+    assert set(fractions) == {"level_stride_32", "level_stride_16", "level_stride_8", "level_stride_4"}
+    assert sum(fractions.values()) == pytest.approx(100.0, abs=0.02)
+    assert int(counts["level_pixels"].sum()) == 2 * 45 * 70
 
 
 def test_multi_scale_flip_and_slide_fuse_each_view():
@@ -498,7 +497,7 @@ def test_stride_4_fusion_decoder_feeds_the_pyramid(backbone, widths):
     )
     assert model.decoder.out_channels == sum(widths)
     images = torch.randn(2, 3, 50, 66)
-    stages = model.backbone.forward_stages(F.pad(images, (0, 30, 0, 14)))  # padded to 64 x 96
+    stages = model.backbone(F.pad(images, (0, 30, 0, 14)))  # padded to 64 x 96
     assert [s.shape[-1] for s in stages] == [24, 12, 6, 3]
     features = model.decoder(stages)
     assert features.shape == (2, sum(widths), 16, 24)

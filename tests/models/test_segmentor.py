@@ -86,7 +86,7 @@ def test_all_ignored_gives_zero_loss_and_zero_gradient():
 
 def test_param_groups_backbone_lr_and_poly_schedule():
     model = tiny_model()
-    cfg = OptimConfig(lr=0.01, backbone_lr_mult=0.1, poly_power=0.9)
+    cfg = OptimConfig(lr=0.01, poly_power=0.9)  # the backbone group: lr_mult 0.1 by default
     opt = build_optimizer(model, cfg)
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["backbone"]["lr"] == pytest.approx(0.001)
@@ -115,6 +115,9 @@ class PixelwiseModel(torch.nn.Module):
 
     def dense(self, images):
         return self.conv(images).softmax(1)
+
+    def dense_with_counts(self, images):  # what inference calls (Segmentor's contract): no head counts
+        return self.dense(images), {}
 
     def decide(self, dense):
         return dense.argmax(1)

@@ -22,35 +22,9 @@ from tqdm import tqdm
 from scaleseg.analysis import embeddings as E
 from scaleseg.analysis import plots
 from scaleseg.analysis.embeddings import AnalysisError
-from scaleseg.errors import CheckpointError
 
 PIXELS_PER_IMAGE = 1500  # pixels sampled per image for the 2D plot and the PCA fit
 DENDROGRAM_MAX_CLASSES = 5000  # average linkage keeps a C x C distance matrix: above, the most frequent only
-
-
-def resolve_run(target: str | Path, overrides: list[str]):
-    """A work dir (best.pth, else the last checkpoint; its config.yaml) or a checkpoint (its own config)
-    -> (config, checkpoint path, checkpoint dict, work dir)."""
-    from scaleseg.engine.checkpoint import config_from_checkpoint
-    from scaleseg.config import load_config
-    from scaleseg.engine.checkpoint import find_last_checkpoint, load_checkpoint
-
-    path = Path(target).expanduser()
-    if path.is_dir():
-        config_file = path / "config.yaml"
-        if not config_file.is_file():
-            raise AnalysisError(f"{path} is not a work dir (no config.yaml); pass a work dir of `scaleseg train` "
-                                "or a checkpoint (.pth)")
-        best = path / "best.pth"
-        ckpt_path = best if best.is_file() else find_last_checkpoint(path)
-        if ckpt_path is None:
-            raise CheckpointError(f"no checkpoint in {path} (no best.pth, no last_checkpoint); pass a checkpoint file")
-        cfg = load_config(config_file, [*overrides, "model.pretrained=null"])
-        return cfg, ckpt_path, load_checkpoint(ckpt_path), path
-    if path.suffix == ".pth" or path.is_file():
-        ckpt = load_checkpoint(path)  # names the file if it does not exist
-        return config_from_checkpoint(ckpt, overrides), path, ckpt, path.parent
-    raise AnalysisError(f"{str(path)!r} does not exist; pass a work dir of `scaleseg train` or a checkpoint (.pth)")
 
 
 def class_pixel_frequency(dataset, num_classes: int, max_images: int, progress: bool) -> tuple[np.ndarray, int]:
@@ -87,11 +61,9 @@ def analyze(
     command: str | None = None,
 ) -> dict:
     from scaleseg.data import build_dataset
-    from scaleseg.engine.checkpoint import load_model_state
+    from scaleseg.engine.checkpoint import resolve_run
     from scaleseg.engine.runtime import select_device
     from scaleseg.engine.trainer import dataset_meta
-    from scaleseg.models import build_model
-    from scaleseg.models.heads.scorers import EmbeddingScorer
 
     if top_classes < 0 or leaves < 2:
         raise AnalysisError(f"--top-classes {top_classes} / --leaves {leaves}: need top-classes >= 0 and leaves >= 2")
@@ -104,7 +76,8 @@ def analyze(
     if compare is not None and not Path(compare).exists():
         raise AnalysisError(f"--compare {str(compare)!r} does not exist; pass the other run's work dir "
                             "(or its eval folder / per_class.csv)")
-    cfg, ckpt_path, ckpt, run_dir = resolve_run(target, list(overrides or []))
+    run = resolve_run(target, list(overrides or []))
+    cfg, ckpt_path, ckpt, run_dir = run.cfg, run.checkpoint_path, run.checkpoint, run.run_dir
     embedding = cfg.model.head.scorer == "embedding"
     if not embedding and compare is None:
         raise AnalysisError(
@@ -173,15 +146,13 @@ def analyze(
 
     # ---- the model and its class table
     device = select_device(cfg.train.device)
-    model = build_model(cfg.model, C, meta["ignore_index"])
-    load_model_state(model, ckpt, ckpt_path, cfg.to_dict())
-    model.to(device).eval()
-    scorer = model.head.scorer
-    if not isinstance(scorer, EmbeddingScorer):  # pragma: no cover - the config said embedding
-        raise AnalysisError(f"{ckpt_path}: the head's scorer is {type(scorer).__name__}, not an embedding scorer")
-    raw = scorer.class_embeddings.detach().double().cpu().numpy()  # (C, d) as trained
-    used = scorer.classes().detach().double().cpu().numpy()  # (C, d) as the model compares them
-    normalized = bool(scorer.normalize)
+    model = run.model().to(device)
+    table = model.head.class_table(raw=True)  # (C, d) as trained; a pyramid's levels share one table
+    if table is None:  # pragma: no cover - the config said embedding
+        raise AnalysisError(f"{ckpt_path}: the model's head has no class-embedding table")
+    raw = table.detach().double().cpu().numpy()
+    used = model.head.class_table().detach().double().cpu().numpy()  # (C, d) as the model compares them
+    normalized = bool(cfg.model.head.embedding.normalize)
     summary["embedding"] = {"dim": int(raw.shape[1]), "normalize": normalized}
 
     # Figures 8-9: dendrogram and k-means on the L2-normalised table
@@ -212,8 +183,8 @@ def analyze(
 
     # Figures 6-7: pixel embeddings of the first val images
     if images:
-        files.extend(_pixel_figures(model, val_set, used, palette, meta["ignore_index"], min(images, len(val_set)),
-                                    device, out, progress, summary))
+        files.extend(_pixel_figures(model, val_set, used, normalized, palette, meta["ignore_index"],
+                                    min(images, len(val_set)), device, out, progress, summary))
     return _finish(summary, out)
 
 
@@ -235,7 +206,8 @@ def _dendrogram(unit, names, frequency, order, leaves, top_classes, out, summary
 
 
 @torch.no_grad()
-def _pixel_figures(model, dataset, classes, palette, ignore_index, n, device, out, progress, summary) -> list[Path]:
+def _pixel_figures(model, dataset, classes, normalized, palette, ignore_index, n, device, out, progress,
+                   summary) -> list[Path]:
     from scaleseg.data.transforms import EvalTransform
 
     rng = np.random.default_rng(0)
@@ -249,7 +221,7 @@ def _pixel_figures(model, dataset, classes, palette, ignore_index, n, device, ou
         pred = model.decide(dense)[0].cpu().numpy()
         d, H, W = dense.shape[1:]
         pix = dense[0].permute(1, 2, 0).reshape(-1, d).double().cpu().numpy()  # (H W, d)
-        if getattr(model.head.scorer, "normalize", True):
+        if normalized:
             pix = E.unit_rows(pix)  # decide() re-normalises too
         flat = label.reshape(-1)
         valid = np.flatnonzero((flat != ds_ignore) & (flat >= 0) & (flat < len(classes)))

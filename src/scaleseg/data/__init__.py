@@ -2,7 +2,10 @@
 
 A dataset yields dicts {"image": uint8 (H, W, 3), "label": int (H, W), "name": str} and carries
 `num_classes`, `class_names`, `ignore_index` and `palette` ((C, 3) uint8). The loaders turn them
-into batches {"image": float (B, 3, h, w), "label": int64 (B, h, w), "name": list[str]}.
+into batches {"image": float (B, 3, h, w), "label": int64 (B, h, w), "name": list[str],
+"skipped": list[str]}; "skipped" carries the problems of bad samples passed over with
+data.on_bad_sample=skip (read them with `skipped_samples(batch)`), so that the engine counts and logs
+them whichever process read the files.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ FILE_DATASETS = {
     "cocostuff10k": "cocostuff:COCOStuff10k",
     "cocostuff164k": "cocostuff:COCOStuff164k",
     "coco_lvis": "coco_lvis:COCOLVIS",
+    "pascal_context": "pascal_context:PascalContext",
     "folder": "folder:FolderSegmentation",
 }
 
@@ -67,12 +71,18 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset:
 class TransformedDataset(Dataset):
     """Applies a transform; with a training transform, items are (index, position) pairs and the
     position seeds the augmentation RNG (see ResumableSampler). Also remaps the dataset's ignore
-    value to the run's ignore index when they differ."""
+    value to the run's ignore index when they differ.
 
-    def __init__(self, dataset: Dataset, transform, seed: int = 0, ignore_index: int | None = None) -> None:
+    Bad samples of a file dataset with on_bad_sample="skip": with `substitute` (training) a bad sample
+    is replaced by the next good one; without (evaluation) the item is a 1x1 placeholder, all ignore,
+    that the evaluator leaves out. Either way its problems are in the item's "skipped" field."""
+
+    def __init__(self, dataset: Dataset, transform, seed: int = 0, ignore_index: int | None = None,
+                 substitute: bool = True) -> None:
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
+        self.substitute = substitute
         self.source_ignore = dataset.ignore_index
         self.ignore_index = dataset.ignore_index if ignore_index is None else ignore_index
 
@@ -81,13 +91,33 @@ class TransformedDataset(Dataset):
 
     def __getitem__(self, item):
         index, position = item if isinstance(item, tuple) else (item, item)
-        sample = self.dataset[index]
+        load_or_skip = getattr(self.dataset, "load_or_skip", None)
+        sample, skipped = load_or_skip(index, self.substitute) if load_or_skip else (self.dataset[index], [])
+        if sample is None:  # evaluation: a placeholder, not scored
+            sample = {"image": np.zeros((1, 1, 3), np.uint8), "label": np.full((1, 1), self.source_ignore, np.int64),
+                      "name": self.dataset.samples[index].name}
         if self.source_ignore != self.ignore_index:
             label = sample["label"].astype(np.int64)
             label[label == self.source_ignore] = self.ignore_index
             sample = {**sample, "label": label}
         rng = np.random.default_rng([self.seed, position])
-        return self.transform(sample, rng)
+        return {**self.transform(sample, rng), "skipped": "\n".join(skipped)}
+
+
+def skipped_samples(batch) -> list[str]:
+    """The problems (each naming its file) of the bad samples passed over for `batch` with
+    data.on_bad_sample=skip: for a training batch, samples replaced by the next good one; for an
+    evaluation batch (one image), that image, which must not be scored."""
+    field = batch.get("skipped") if isinstance(batch, dict) else None
+    return [m for text in (field or []) for m in str(text).split("\n") if m]
+
+
+def log_skipped(batch, log, what: str) -> int:
+    """Log each bad sample passed over for `batch` as a warning on `log`; -> how many."""
+    problems = skipped_samples(batch)
+    for problem in problems:
+        log.warning(f"skipped a bad {what} sample (data.on_bad_sample=skip): {problem}")
+    return len(problems)
 
 
 def build_train_loader(
@@ -144,10 +174,12 @@ def build_eval_loader(
     cfg: DataConfig, dataset: Dataset, ignore_index: int, rank: int = 0, world_size: int = 1
 ) -> DataLoader:
     """One image per batch at its original size (images of a dataset may differ in size). With several
-    processes, process `rank` takes images rank, rank + world_size, ... (their metrics are summed)."""
+    processes, process `rank` takes images rank, rank + world_size, ... (their metrics are summed).
+    With data.on_bad_sample=skip a bad image comes as a batch whose `skipped_samples` is not empty: the
+    evaluator counts it and scores nothing of it."""
     from torch.utils.data import Subset
 
-    data = TransformedDataset(dataset, EvalTransform(), ignore_index=ignore_index)
+    data = TransformedDataset(dataset, EvalTransform(), ignore_index=ignore_index, substitute=False)
     if world_size > 1:
         data = Subset(data, range(rank, len(data), world_size))
     return DataLoader(

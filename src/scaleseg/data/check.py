@@ -1,10 +1,10 @@
 """`scaleseg check-data`: read every sample of a dataset's splits through the dataset's own checks
 and report every problem (not just the first), with label statistics.
 
-A file dataset (`FileSegmentation`) is built leniently (`on_bad_sample="skip"`) so that listed
-files that do not exist are counted as problems instead of stopping the check; every remaining
-sample goes through `FileSegmentation.load` (image decoding, label decoding and bit depth, size
-match, value range). Any other dataset (the built-in synthetic one) is iterated, and its samples
+A file dataset (`FileSegmentation`) is built leniently (`on_bad_sample="skip"`) so that unpaired
+or missing files do not stop the check; every listed sample goes through `FileSegmentation.load`
+(both files present, image decoding, label decoding and bit depth, size match, value range), so each
+missing file is one problem naming it. Any other dataset (the built-in synthetic one) is iterated, and its samples
 get the same size and value-range checks.
 
     reports = check_config(cfg.data, ["train", "val"])
@@ -41,7 +41,7 @@ class SplitReport:
 
     dataset: str
     split: str
-    num_samples: int  # samples the split lists (with those whose files are missing)
+    num_samples: int  # samples the split lists (those with a missing file included)
     num_classes: int
     class_names: list[str]
     ignore_index: int
@@ -49,6 +49,7 @@ class SplitReport:
     class_pixels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (C,) labelled pixels
     class_images: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (C,) images with the class
     ignore_pixels: int = 0
+    exif_rotated: list[str] = field(default_factory=list)  # images whose EXIF orientation tag is not applied
     total_pixels: int = 0  # all label pixels of the samples that loaded
 
     @property
@@ -71,6 +72,7 @@ class SplitReport:
             "ignore_pixels": self.ignore_pixels,
             "total_pixels": self.total_pixels,
             "problems": [dataclasses.asdict(p) for p in self.problems],
+            "exif_rotated": list(self.exif_rotated),
             "classes": [
                 {
                     "id": c,
@@ -89,8 +91,6 @@ def check_dataset(
     """Read every sample of `dataset`; collect every problem and the label histogram."""
     from tqdm import tqdm
 
-    from scaleseg.data.datasets.base import FileSegmentation
-
     split = split or str(getattr(dataset, "split", ""))
     name = getattr(dataset, "NAME", "") or type(dataset).__name__
     num_classes = int(dataset.num_classes)
@@ -104,9 +104,6 @@ def check_dataset(
         class_pixels=np.zeros(num_classes, dtype=np.int64),
         class_images=np.zeros(num_classes, dtype=np.int64),
     )
-    if isinstance(dataset, FileSegmentation):
-        report.problems += _missing_files(dataset, split)
-        report.num_samples += len({p.sample for p in report.problems})
     loader = DataLoader(
         _Checked(dataset), batch_size=None, num_workers=num_workers, collate_fn=_identity, generator=torch.Generator()
     )
@@ -121,6 +118,8 @@ def check_dataset(
         report.class_images[classes] += 1
         report.ignore_pixels += result["ignore"]
         report.total_pixels += result["total"]
+        if result.get("exif"):
+            report.exif_rotated.append(result["exif"])
     return report
 
 
@@ -188,6 +187,11 @@ def format_report(reports: Sequence[SplitReport], show: int = 8) -> str:
                         for c in order[::-1][:show]
                     ]
                     lines.append("  fewest pixels: " + ", ".join(rare))
+        if r.exif_rotated:
+            lines.append(
+                f"  note: {len(r.exif_rotated)} images carry an EXIF orientation tag (e.g. {r.exif_rotated[0]}); images "
+                "and labels are read as stored, so a label drawn on the rotated (displayed) picture would not match"
+            )
         for p in r.problems:
             where = f"{p.sample}: " if p.sample is not None else ""
             lines.append(f"  PROBLEM {where}{p.message}")
@@ -238,6 +242,7 @@ class _Checked(Dataset):
             "counts": counts.astype(np.int64),
             "ignore": int(np.count_nonzero(label == self.ignore_index)),
             "total": int(label.size),
+            "exif": _exif_rotated(files[0]) if self.is_file_dataset else None,
         }
 
     def _check_plain(self, item: dict) -> None:
@@ -258,15 +263,13 @@ def _identity(item):
     return item
 
 
-def _missing_files(dataset, split: str) -> list[Problem]:
-    """Listed samples that the (skip-mode) dataset dropped because a file does not exist."""
-    kept = set(dataset.samples)
-    problems = []
-    for sample in dataset.list_samples():
-        if sample in kept:
-            continue
-        for kind, path in (("image", sample.image), ("label", sample.label)):
-            if not path.is_file():
-                message = f"{kind} {str(path)!r} does not exist (listed in split {dataset.split!r})"
-                problems.append(Problem(split, sample.name, (str(path),), message))
-    return problems
+def _exif_rotated(path: str) -> str | None:
+    """`path` and its tag if the image has an EXIF orientation other than 1 (as stored), else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            orientation = im.getexif().get(0x0112)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return f"{path} (orientation {orientation})" if orientation not in (None, 1) else None

@@ -13,15 +13,18 @@ from scaleseg.errors import DataError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, exif: bool = True) -> np.ndarray:
     """Any image PIL reads -> uint8 RGB (H, W, 3): grayscale (8/16-bit), palette, RGBA (alpha
-    dropped), CMYK; EXIF orientation applied."""
+    dropped), CMYK. With `exif` (a photo to predict on) its EXIF orientation is applied, as an image
+    viewer shows it; datasets read `exif=False`, the pixels as stored, since their label maps are drawn
+    on the stored pixels and carry no orientation of their own (image and label stay aligned)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image {str(path)!r} does not exist")
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
+            if exif:
+                im = ImageOps.exif_transpose(im)
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"image {str(path)!r} cannot be decoded ({exc}); the file is corrupt or not an image") from None
@@ -81,6 +84,16 @@ def atomic_write(path: str | Path, write) -> None:
     finally:
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
+
+
+def remove_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files `atomic_write` leaves in `folder` when its process is killed mid-write
+    (`.<name>.<pid>.tmp`, possibly empty); finished files are never touched. -> how many."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file() or p.is_symlink()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink()
+    return len(stale)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,24 +148,98 @@ def _flatten(d: dict, prefix: str):
             yield dotted, value
 
 
-def config_from_checkpoint(checkpoint: dict, overrides: list[str]):
-    """The config a checkpoint was trained with, plus overrides, without its ImageNet weights path."""
-    from scaleseg.config import apply_overrides, config_from_dict
+def config_from_checkpoint(checkpoint: dict, overrides: list[str] | tuple[str, ...] = ()):
+    """The config a checkpoint was trained with (keys of earlier versions carried over), plus overrides,
+    without its ImageNet weights path (the checkpoint holds every weight)."""
+    from scaleseg.config import apply_overrides, config_from_dict, migrate_renamed_keys
 
-    return config_from_dict(apply_overrides(checkpoint["config"], [*overrides, "model.pretrained=null"]))
+    raw = migrate_renamed_keys(checkpoint["config"])
+    return config_from_dict(apply_overrides(raw, [*overrides, "model.pretrained=null"]))
+
+
+def model_from_checkpoint(cfg, checkpoint: dict, path: str | Path) -> nn.Module:
+    """The model of `cfg` with the checkpoint's weights (strict: any mismatch names what differs), in
+    eval mode on the CPU. The one checkpoint -> model path of eval, predict, export and analyze."""
+    from scaleseg.models import build_model
+
+    for key in ("model", "config", "num_classes", "ignore_index"):
+        if key not in checkpoint:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has no {key!r} entry; use a checkpoint written by scaleseg train"
+            )
+    # the config's classes, so that a config for another class count is refused by the strict load
+    model = build_model(cfg.model, cfg.data.num_classes, int(checkpoint["ignore_index"]))
+    load_model_state(model, checkpoint, path, cfg.to_dict())
+    return model.eval()
 
 
 def load_checkpoint_model(checkpoint: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[nn.Module, dict, Any]:
     """(model in eval mode on the CPU, the checkpoint dict, its config with `overrides`), for predict and export."""
-    from scaleseg.models import build_model
-
     ckpt = load_checkpoint(checkpoint)
-    for key in ("model", "config", "num_classes", "ignore_index"):
-        if key not in ckpt:
-            raise CheckpointError(
-                f"checkpoint {str(checkpoint)!r} has no {key!r} entry; use a checkpoint written by scaleseg train"
-            )
+    if "config" not in ckpt:
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} has no 'config' entry; use a checkpoint written by scaleseg train")
     cfg = config_from_checkpoint(ckpt, list(overrides))
-    model = build_model(cfg.model, int(ckpt["num_classes"]), int(ckpt["ignore_index"]))
-    load_model_state(model, ckpt, checkpoint, cfg.to_dict())
-    return model.eval(), ckpt, cfg
+    return model_from_checkpoint(cfg, ckpt, checkpoint), ckpt, cfg
+
+
+@dataclass
+class Run:
+    """What a command's target resolves to (`resolve_run`)."""
+
+    cfg: Any  # scaleseg.config.Config, with the command's overrides and no ImageNet weights path
+    checkpoint_path: Path
+    checkpoint: dict
+    run_dir: Path  # the work dir, or the folder of a checkpoint or config given on its own
+
+    @property
+    def eval_dir(self) -> Path:
+        """Where `scaleseg eval` writes by default: <run dir>/eval/<checkpoint stem>."""
+        return self.run_dir / "eval" / self.checkpoint_path.stem
+
+    def model(self) -> nn.Module:
+        return model_from_checkpoint(self.cfg, self.checkpoint, self.checkpoint_path)
+
+
+def resolve_run(target: str | Path, overrides: list[str] | tuple[str, ...] = (), checkpoint: str | Path | None = None) -> Run:
+    """The run a command means (eval, analyze):
+
+    * a work dir of `scaleseg train`: its config.yaml, and `checkpoint`, else best.pth, else the checkpoint
+      `last_checkpoint` names;
+    * a checkpoint (.pth): the config stored in it;
+    * a config file (.yaml): that config, with `checkpoint` (required).
+
+    ImageNet weights are never needed (the checkpoint holds all weights), so `model.pretrained` is cleared
+    and a config from another machine still loads. A run's own config.yaml from an earlier version has its
+    renamed keys carried over."""
+    import yaml
+
+    from scaleseg.config import apply_overrides, config_from_dict, load_config, migrate_renamed_keys
+
+    path = Path(target).expanduser()
+    overrides = [*overrides, "model.pretrained=null"]
+    if path.is_dir():
+        config_file = path / "config.yaml"
+        if not config_file.is_file():
+            raise CheckpointError(f"{path} is not a work dir (no config.yaml); pass a work dir of `scaleseg train`, "
+                                  "a checkpoint (.pth), or a config file with --checkpoint")
+        if checkpoint is None:
+            best = path / "best.pth"
+            checkpoint = best if best.is_file() else find_last_checkpoint(path)
+            if checkpoint is None:
+                raise CheckpointError(f"no checkpoint in {path} (no best.pth, no last_checkpoint); pass --checkpoint")
+        try:
+            raw = yaml.safe_load(config_file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise CheckpointError(f"{config_file} is not valid YAML ({exc}); pass a config file with --checkpoint") from None
+        cfg = config_from_dict(apply_overrides(migrate_renamed_keys(raw), overrides))
+        return Run(cfg, Path(checkpoint), load_checkpoint(checkpoint), path)
+    if path.suffix == ".pth":
+        ckpt = load_checkpoint(path)  # names the file if it does not exist
+        return Run(config_from_checkpoint(ckpt, overrides), path, ckpt, path.parent)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if checkpoint is None:
+            raise CheckpointError(f"{path} is a config file: pass the checkpoint to use with --checkpoint")
+        checkpoint = Path(checkpoint)
+        return Run(load_config(path, overrides), checkpoint, load_checkpoint(checkpoint), checkpoint.parent)
+    raise CheckpointError(f"{str(path)!r} does not exist; pass a work dir of `scaleseg train`, a checkpoint (.pth), "
+                          "or a config file with --checkpoint")

@@ -12,11 +12,13 @@ import torch
 from tqdm import tqdm
 
 from scaleseg.config import EvalConfig
+from scaleseg.data import skipped_samples
 from scaleseg.engine import distributed
-from scaleseg.engine.inference import predict_labels
+from scaleseg.engine.inference import predict_labels_with_counts
 from scaleseg.metrics import SegmentationMetrics
 
-SUMMARY_KEYS = ("mIoU", "aAcc", "mAcc", "fwIoU")
+SUMMARY_KEYS = ("mIoU", "aAcc", "mAcc", "fwIoU", "mDice", "mFscore", "mPrecision", "mRecall")
+PER_CLASS_KEYS = ("IoU", "Acc", "Dice", "Precision", "Recall", "Fscore")
 
 
 @torch.no_grad()
@@ -37,54 +39,55 @@ def evaluate(
     was_training = model.training
     model.eval()
     metrics = SegmentationMetrics(num_classes, ignore_index)
-    head = getattr(model, "head", None)
-    pyramid = hasattr(head, "level_fractions")
-    if pyramid:
-        head.reset_level_stats()
+    counts = model.head.empty_counts()  # the head's own tallies (SegmentationHead.dense_with_counts), zero
+    skipped: list[str] = []  # bad images (data.on_bad_sample=skip): counted, never scored
     try:
         for batch in tqdm(loader, desc="eval", unit="img", disable=not progress, leave=False, dynamic_ncols=True):
+            if skipped_samples(batch):
+                skipped += skipped_samples(batch)
+                continue
             images = batch["image"].to(device, non_blocking=True)
             target = batch["label"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred = predict_labels(model, images, cfg)
+                pred, image_counts = predict_labels_with_counts(model, images, cfg)
             metrics.update(pred, target)
+            for name, value in image_counts.items():
+                counts[name] += value.to(counts[name].device)
     finally:
         model.train(was_training)
     if distributed.is_enabled():  # each process saw its share of the images: add up the counts
-        counts = distributed.all_reduce_sum(metrics.counts().to(device))
+        summed = distributed.all_reduce_sum(metrics.counts().to(device))
+        num_skipped = int(distributed.all_reduce_sum(torch.tensor([len(skipped)], device=device)))
         metrics.reset()
-        metrics.merge_(counts)
-        if pyramid:
-            levels = head.level_pixels if head.level_pixels is not None else torch.zeros(len(head.strides))
-            head.level_pixels = distributed.all_reduce_sum(levels.to(device=device, dtype=torch.int64))
+        metrics.merge_(summed)
+        counts = {name: distributed.all_reduce_sum(counts[name].to(device)) for name in sorted(counts)}
     results = metrics.compute()
-    if pyramid:
-        # Specialize and Fuse (Table 9's split): the fraction of pixels each pyramid level decided, over
-        # every view that inference fused (windows, scales, flips)
-        results["level_fractions"] = head.level_fractions()
+    results["head"] = model.head.summarize_counts({k: v.cpu() for k, v in counts.items()})
+    results["head_lines"] = model.head.describe_counts(results["head"])
+    results["skipped_samples"] = num_skipped if distributed.is_enabled() else len(skipped)
+    results["skipped"] = skipped  # this process's, each naming its file
     return results
 
 
 def summary(results: dict) -> dict[str, float]:
-    """The scalar metrics, in percent (rounded to 0.01), for logs and JSON; with a pyramid head also
-    "level_stride_<s>": the percentage of pixels decided at the level of stride s."""
+    """The scalar metrics, in percent (rounded to 0.01), for logs and JSON, then the head's own
+    (`SegmentationHead.summarize_counts`; the pyramid: "level_stride_<s>", the percentage of pixels
+    decided at the level of stride s)."""
     out = {k: (round(100 * results[k], 2) if not math.isnan(results[k]) else None) for k in SUMMARY_KEYS}
-    for k, v in (results.get("level_fractions") or {}).items():
-        out[f"level_{k}"] = round(100 * v, 2)
+    out.update(results.get("head") or {})
     return out
 
 
 def format_table(results: dict, class_names: list[str], show: int = 10) -> str:
     """A console summary: the four metrics, then the per-class IoU of the `show` most frequent classes."""
     s = summary(results)
-    lines = ["  ".join(f"{k:>6}" for k in SUMMARY_KEYS), "  ".join(f"{_pct(s[k]):>6}" for k in SUMMARY_KEYS)]
+    widths = [max(6, len(k)) for k in SUMMARY_KEYS]
+    lines = ["  ".join(f"{k:>{w}}" for k, w in zip(SUMMARY_KEYS, widths)),
+             "  ".join(f"{_pct(s[k]):>{w}}" for k, w in zip(SUMMARY_KEYS, widths))]
     label_area = results["label_area"]
     present = int((label_area > 0).sum())
     lines.append(f"classes present in the labels: {present} of {len(class_names)}")
-    levels = {k.removeprefix("level_stride_"): v for k, v in s.items() if k.startswith("level_stride_")}
-    if levels:
-        shares = ", ".join(f"stride {k}: {v:.2f}%" for k, v in levels.items())
-        lines.append(f"pixels decided per pyramid level: {shares}")
+    lines += results.get("head_lines") or []  # the head's own (e.g. the pyramid's pixels per level)
     if show and present:
         order = np.argsort(-label_area, kind="stable")[: min(show, present)]
         width = max(len(class_names[i]) for i in order)
@@ -102,22 +105,16 @@ def write_results(results: dict, class_names: list[str], out_dir: Path, extra: d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "metrics.json"
-    json_path.write_text(json.dumps({**summary(results), **(extra or {})}, indent=2) + "\n")
+    skipped = {"skipped_samples": int(results.get("skipped_samples", 0))}  # bad images not scored (on_bad_sample=skip)
+    json_path.write_text(json.dumps({**summary(results), **skipped, **(extra or {})}, indent=2) + "\n")
     csv_path = out_dir / "per_class.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["class_id", "name", "IoU", "Acc", "intersection", "pred_area", "label_area"])
+        writer.writerow(["class_id", "name", *PER_CLASS_KEYS, "intersection", "pred_area", "label_area"])
         for i, name in enumerate(class_names):
             writer.writerow(
-                [
-                    i,
-                    name,
-                    _csv_float(results["IoU"][i]),
-                    _csv_float(results["Acc"][i]),
-                    int(results["intersection"][i]),
-                    int(results["pred_area"][i]),
-                    int(results["label_area"][i]),
-                ]
+                [i, name, *(_csv_float(results[k][i]) for k in PER_CLASS_KEYS)]
+                + [int(results[k][i]) for k in ("intersection", "pred_area", "label_area")]
             )
     return json_path, csv_path
 

@@ -27,21 +27,37 @@ def _window_starts(size: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, size - crop) for i in range(count)]
 
 
+def _add_counts(total: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for name, value in counts.items():
+        total[name] = total[name] + value if name in total else value
+    return total
+
+
 @torch.no_grad()
 def slide_dense(model, images: torch.Tensor, crop_size: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
     """Average of the dense maps of overlapping windows: (B, 3, H, W) -> (B, K, H, W)."""
+    return slide_dense_with_counts(model, images, crop_size, stride)[0]
+
+
+@torch.no_grad()
+def slide_dense_with_counts(
+    model, images: torch.Tensor, crop_size: tuple[int, int], stride: tuple[int, int]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`slide_dense` and the head's counts summed over the windows."""
     H, W = images.shape[-2:]
     ch, cw = min(crop_size[0], H), min(crop_size[1], W)
     total = None
+    counts: dict[str, torch.Tensor] = {}
     count = images.new_zeros((1, 1, H, W))
     for y in _window_starts(H, ch, stride[0]):
         for x in _window_starts(W, cw, stride[1]):
-            dense = model.dense(images[:, :, y : y + ch, x : x + cw])  # (B, K, ch, cw)
+            dense, view_counts = model.dense_with_counts(images[:, :, y : y + ch, x : x + cw])  # (B, K, ch, cw)
+            _add_counts(counts, view_counts)
             if total is None:
                 total = dense.new_zeros((images.shape[0], dense.shape[1], H, W))
             total[:, :, y : y + ch, x : x + cw] += dense
             count[:, :, y : y + ch, x : x + cw] += 1
-    return total / count
+    return total / count, counts
 
 
 def _add_view(total: torch.Tensor | None, dense: torch.Tensor, flip: bool, size: tuple[int, int]) -> torch.Tensor:
@@ -62,8 +78,15 @@ def _add_view(total: torch.Tensor | None, dense: torch.Tensor, flip: bool, size:
 @torch.no_grad()
 def infer_dense(model, images: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
     """The averaged dense map at the input size (B, K, H, W) for the configured mode, scales, flip."""
+    return infer_dense_with_counts(model, images, cfg)[0]
+
+
+@torch.no_grad()
+def infer_dense_with_counts(model, images: torch.Tensor, cfg: EvalConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`infer_dense` and the head's counts summed over every view (`SegmentationHead.dense_with_counts`)."""
     H, W = images.shape[-2:]
     total = None
+    counts: dict[str, torch.Tensor] = {}
     views = 0
     for scale in cfg.scales:
         scaled = images
@@ -73,16 +96,17 @@ def infer_dense(model, images: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
         for flip in (False, True) if cfg.flip else (False,):
             view = scaled.flip(-1) if flip else scaled
             if cfg.mode == "slide":
-                dense = slide_dense(model, view, cfg.crop_size, cfg.stride)
+                dense, view_counts = slide_dense_with_counts(model, view, cfg.crop_size, cfg.stride)
             else:
-                dense = model.dense(view)
+                dense, view_counts = model.dense_with_counts(view)
+            _add_counts(counts, view_counts)
             if total is None and not flip and dense.shape[-2:] == (H, W):
                 total = dense  # the first view is the running sum (dense maps are fresh tensors)
             else:
                 total = _add_view(total, dense, flip, (H, W))
             del dense
             views += 1
-    return total.div_(views) if views > 1 else total
+    return (total.div_(views) if views > 1 else total), counts
 
 
 def is_one_view(cfg: EvalConfig) -> bool:
@@ -91,9 +115,17 @@ def is_one_view(cfg: EvalConfig) -> bool:
 
 
 @torch.no_grad()
-def predict_labels(model, images: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
-    """Class ids (B, H, W) for normalised images (B, 3, H, W)."""
+def predict_labels_with_counts(model, images: torch.Tensor, cfg: EvalConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Class ids (B, H, W) for normalised images (B, 3, H, W), and the head's counts over the views."""
     if is_one_view(cfg):
         with deciding_one_view():  # decided as it is: the linear scorer's logits, no softmax
-            return model.decide(model.dense(images))
-    return model.decide(infer_dense(model, images, cfg))
+            dense, counts = model.dense_with_counts(images)
+            return model.decide(dense), counts
+    dense, counts = infer_dense_with_counts(model, images, cfg)
+    return model.decide(dense), counts
+
+
+@torch.no_grad()
+def predict_labels(model, images: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+    """Class ids (B, H, W) for normalised images (B, 3, H, W)."""
+    return predict_labels_with_counts(model, images, cfg)[0]

@@ -28,19 +28,18 @@ Work directory layout:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import scaleseg
 from scaleseg.config import Config, save_config
-from scaleseg.data import build_dataset, build_eval_loader, build_train_loader
+from scaleseg.data import build_dataset, build_eval_loader, build_train_loader, log_skipped
 from scaleseg.engine import distributed
 from scaleseg.engine.checkpoint import (
     find_last_checkpoint,
@@ -49,22 +48,13 @@ from scaleseg.engine.checkpoint import (
     save_checkpoint,
     write_last_pointer,
 )
-from scaleseg.engine.evaluator import evaluate, format_table, summary, write_results
+from scaleseg.engine.evaluator import summary
+from scaleseg.engine.hooks import Hook, NonFiniteLossError, Records, StepResult, default_hooks
 from scaleseg.engine.optim import build_optimizer, set_poly_lr
-from scaleseg.engine.runtime import (
-    amp_dtype,
-    configure_determinism,
-    log_to,
-    peak_memory_mb,
-    seed_all,
-)
-from scaleseg.errors import CheckpointError, ConfigError, ScalesegError
-from scaleseg.models import build_model
-from scaleseg.viz.curves import plot_training_curves
+from scaleseg.engine.runtime import amp_dtype, configure_determinism, log_to, seed_all
+from scaleseg.errors import CheckpointError, ConfigError
 
-
-class NonFiniteLossError(ScalesegError):
-    """train.max_nonfinite_steps steps in a row had a NaN/inf loss or gradient."""
+__all__ = ["NonFiniteLossError", "TrainState", "Trainer", "dataset_meta", "default_work_dir"]
 
 
 def default_work_dir(cfg: Config) -> Path:
@@ -87,11 +77,37 @@ def dataset_meta(dataset, cfg: Config) -> dict:
     }
 
 
+@dataclass
+class TrainState:
+    """Where a run stands, beyond weights, optimizer and RNG: saved in every checkpoint."""
+
+    iteration: int = 0  # optimizer steps done
+    samples_seen: int = 0  # position in the training sample stream (all processes)
+    best: dict = field(default_factory=lambda: {"mIoU": None, "iteration": None})  # best val mIoU so far
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "samples_seen": self.samples_seen, "best": dict(self.best)}
+
+    def load_state_dict(self, state: dict, per_step: int) -> None:
+        self.iteration = int(state["iteration"])
+        self.samples_seen = int(state.get("samples_seen", self.iteration * per_step))
+        self.best = dict(state["best"])
+
+
 class Trainer:
-    def __init__(self, cfg: Config, work_dir: str | Path | None = None, resume: bool | str | Path = False) -> None:
+    """`run()`: set up (data, model, optimizer, resume), then `run_step()` per iteration with the hooks
+    (engine/hooks.py) after each: NaN guard, progress bar, log, evaluation, checkpoint, final report."""
+
+    def __init__(
+        self, cfg: Config, work_dir: str | Path | None = None, resume: bool | str | Path = False,
+        hooks: list[Hook] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.work_dir = Path(work_dir) if work_dir else default_work_dir(cfg)
         self.resume = resume
+        self.hooks = hooks
+        self.records: Records | None = None  # scalars.jsonl / TensorBoard, opened by _setup
+        self.final_results: dict = {}
 
     # ---------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -101,64 +117,85 @@ class Trainer:
         the process group, each process its share of every batch; only rank 0 logs and writes files."""
         owns_group = not distributed.is_enabled()
         self.ctx = distributed.env_context()
+        self.is_main = self.ctx.is_main
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        main = self.ctx.is_main
         try:
-            with log_to(self.work_dir / "train.log" if main else None, console=main) as log:
+            with log_to(self.work_dir / "train.log" if self.is_main else None, console=self.is_main) as log:
                 self.log = log
-                return self._run()
+                hooks = self.hooks if self.hooks is not None else default_hooks(self.cfg, self.is_main)
+                try:
+                    self._setup()
+                    for hook in hooks:
+                        hook.trainer = self
+                        hook.before_train()
+                    self.model.train()
+                    while self.state.iteration < self.cfg.train.iters:
+                        step = self.run_step()
+                        for hook in hooks:
+                            hook.after_step(step)
+                    for hook in hooks:
+                        hook.after_train()
+                finally:
+                    for hook in hooks:
+                        hook.close()
+                    if self.records is not None:
+                        self.records.close()
+                return summary(self.final_results)
         finally:
             if owns_group:
                 distributed.shutdown()
 
-    def _run(self) -> dict:
-        cfg, tcfg = self.cfg, self.cfg.train
-        ctx = self.ctx
-        _, device = distributed.init_distributed(tcfg.device)
-        main = ctx.is_main
-        amp = amp_dtype(tcfg, device)
+    def _setup(self) -> None:
+        cfg, tcfg, ctx = self.cfg, self.cfg.train, self.ctx
+        _, self.device = distributed.init_distributed(tcfg.device)
+        self.amp = amp_dtype(tcfg, self.device)
         configure_determinism(tcfg.deterministic)
         seed_all(tcfg.seed)
-        writer = self._open_tensorboard() if tcfg.tensorboard and main else None
 
         train_set = build_dataset(cfg.data, "train")
         val_set = build_dataset(cfg.data, "val")
-        meta = dataset_meta(train_set, cfg)
-        model = build_model(cfg.model, meta["num_classes"], meta["ignore_index"], cfg.optim.backbone_lr_mult).to(device)
-        if ctx.enabled and tcfg.sync_bn:
-            model = distributed.convert_sync_batchnorm(model, device)
-        optimizer = build_optimizer(model, cfg.optim)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+        self.meta = meta = dataset_meta(train_set, cfg)
+        from scaleseg.models import build_model
 
-        per_step = cfg.data.batch_size * tcfg.grad_accum * ctx.world_size  # samples per iteration, all processes
-        start, best, position = 0, {"mIoU": None, "iteration": None}, 0
-        if main:
+        model = build_model(cfg.model, meta["num_classes"], meta["ignore_index"]).to(self.device)
+        if ctx.enabled and tcfg.sync_bn:
+            model = distributed.convert_sync_batchnorm(model, self.device)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.per_step = cfg.data.batch_size * tcfg.grad_accum * ctx.world_size  # samples per iteration, all processes
+        self.state = TrainState()
+        if self.is_main:
             self._remove_unfinished_writes()
         checkpoint_path, checkpoint = self._resume_checkpoint()
         if checkpoint is not None:
-            start, best, position = self._restore(checkpoint_path, checkpoint, model, optimizer, scaler, device, per_step)
+            self._restore(checkpoint_path, checkpoint)
         elif ctx.enabled:
             torch.manual_seed(tcfg.seed + 1_000_003 * ctx.rank)  # dropout: each process its own masks
+        start = self.state.iteration
         if start >= tcfg.iters:
             raise ConfigError(
                 f"the checkpoint is at iteration {start} and train.iters = {tcfg.iters}: nothing left to train; "
                 "raise train.iters to continue"
             )
-        if main:
+        if self.is_main:
             save_config(cfg, self.work_dir / "config.yaml")
-        scalars = self._open_scalars(start) if main else None
+        self.records = Records(self.work_dir, start, tcfg.tensorboard, enabled=self.is_main)
 
         with distributed.main_process_first(ctx):  # rank 0 scans and caches class sets, the others read them
             loader = build_train_loader(
-                cfg.data, train_set, meta["ignore_index"], tcfg.seed, start=position,
-                work_dir=self.work_dir, progress=tcfg.progress and main, rank=ctx.rank, world_size=ctx.world_size,
+                cfg.data, train_set, meta["ignore_index"], tcfg.seed, start=self.state.samples_seen,
+                work_dir=self.work_dir, progress=tcfg.progress and self.is_main, rank=ctx.rank,
+                world_size=ctx.world_size,
             )
-        val_loader = build_eval_loader(cfg.data, val_set, meta["ignore_index"], ctx.rank, ctx.world_size)
-        step_module = distributed.TrainStep(model)
+        self.data_iter = iter(loader)
+        self.val_loader = build_eval_loader(cfg.data, val_set, meta["ignore_index"], ctx.rank, ctx.world_size)
+        self.step_module = distributed.TrainStep(model)
         if ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_module = DistributedDataParallel(self.step_module, device_ids=device_ids)
         n_params = sum(p.numel() for p in model.parameters())
         processes = (
             f"; {ctx.world_size} processes ({'SyncBatchNorm' if tcfg.sync_bn else 'per-process BatchNorm'}), "
@@ -170,137 +207,76 @@ class Trainer:
             f"head {cfg.model.head.structure}/{cfg.model.head.scorer}, {n_params / 1e6:.2f}M parameters; "
             f"{meta['num_classes']} classes on {cfg.data.dataset} ({len(train_set)} train / {len(val_set)} val images); "
             f"{tcfg.iters} iterations of batch {cfg.data.batch_size * ctx.world_size} x {tcfg.grad_accum}; "
-            f"device {device}{processes}; work dir {self.work_dir}"
+            f"device {self.device}{processes}; work dir {self.work_dir}"
         )
         if start:
             self.log.info(f"resumed from {checkpoint_path} at iteration {start}")
 
-        model.train()
-        data_iter = iter(loader)
-        sums: dict[str, float] = defaultdict(float)
-        window = _new_window()
-        skipped_in_a_row = 0
-        final: dict = {}
-        bar = tqdm(
-            total=tcfg.iters, initial=start, desc="train", unit="it",
-            disable=not (tcfg.progress and main), dynamic_ncols=True,
-        )
-        try:
-            for it in range(start, tcfg.iters):
-                iteration = it + 1
-                set_poly_lr(optimizer, it, tcfg.iters, cfg.optim.warmup_iters)
-                # BatchNorm running statistics change in the forward pass: kept to undo a skipped step's
-                buffers = [b.detach().clone() for b in model.buffers()]
-                values, problem = self._accumulate(step_module, data_iter, device, amp, scaler, window)
-                grad_norm = None
-                if problem is None:
-                    if scaler.is_enabled():
-                        scaler.unscale_(optimizer)
-                    # the norm before clipping; with no clipping configured the factor is 1 (grads unchanged)
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                        model.parameters(), cfg.optim.clip_grad_norm or math.inf
-                    ))
-                    if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: the scaler skips the step
-                        problem = f"non-finite gradient norm ({grad_norm}) with loss {values}"
-                if problem is not None:
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        for buffer, saved in zip(model.buffers(), buffers):
-                            buffer.copy_(saved)
-                    skipped_in_a_row += 1
-                    self._skip_step(iteration, problem, skipped_in_a_row)
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped_in_a_row = 0
-                    for k, v in values.items():
-                        sums[k] += v
-                    window["good"] += 1
-                    window["grad_norm"] += grad_norm
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-                window["iters"] += 1
-                bar.update(1)
+    # ---------------------------------------------------------------------------------------
+    def run_step(self) -> StepResult:
+        """One optimizer step over train.grad_accum batches. A NaN/inf loss (on any process) or gradient
+        norm skips it: no update, BatchNorm statistics restored; the NonFiniteGuard hook counts."""
+        t0 = time.perf_counter()
+        model, optimizer, scaler = self.model, self.optimizer, self.scaler
+        iteration = self.state.iteration + 1
+        set_poly_lr(optimizer, self.state.iteration, self.cfg.train.iters, self.cfg.optim.warmup_iters)
+        # BatchNorm running statistics change in the forward pass: kept to undo a skipped step's
+        buffers = [b.detach().clone() for b in model.buffers()]
+        terms, problem, data_time, skipped = self._accumulate()
+        grad_norm = None
+        if problem is None:
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            # the norm before clipping; with no clipping configured the factor is 1 (grads unchanged)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad_norm or math.inf))
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: the scaler skips the step
+                problem = f"non-finite gradient norm ({grad_norm}) with loss {terms}"
+        if problem is not None:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(model.buffers(), buffers):
+                    buffer.copy_(saved)
+            terms = {}
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        self.state.iteration = iteration
+        self.state.samples_seen += self.per_step
+        return StepResult(iteration, terms, problem, grad_norm, data_time, time.perf_counter() - t0, skipped)
 
-                if iteration % tcfg.log_interval == 0 or iteration == tcfg.iters:
-                    self._log_step(iteration, optimizer, sums, window, device, scalars, writer)
-                    sums.clear()
-                    window = _new_window()
-
-                last = iteration == tcfg.iters
-                if (tcfg.eval_interval and iteration % tcfg.eval_interval == 0) or last:
-                    results = evaluate(
-                        model, val_loader, meta["num_classes"], meta["ignore_index"], cfg.eval, device, amp,
-                        tcfg.progress and main,
-                    )
-                    best = self._after_eval(iteration, results, best, model, meta, scalars, writer)
-                    if last:
-                        final = results
-                    window["start"] = time.perf_counter()  # evaluation time is not training time
-                if iteration % tcfg.checkpoint_interval == 0 or last:
-                    self._save(iteration, model, optimizer, scaler, meta, best, per_step)
-        finally:
-            bar.close()
-            if scalars is not None:
-                scalars.close()
-            if writer is not None:
-                writer.close()
-
-        if main:
-            out_dir = self.work_dir / "eval" / f"iter_{tcfg.iters:06d}"
-            write_results(final, meta["class_names"], out_dir, extra={"iteration": tcfg.iters})
-            curves = plot_training_curves(self.work_dir / "scalars.jsonl", self.work_dir / "curves.png")
-            self.log.info("final evaluation on the val split:\n" + format_table(final, meta["class_names"]))
-            self.log.info(f"metrics written to {out_dir}; training curves in {curves}")
-        return summary(final)
-
-    def _accumulate(self, step_module, data_iter, device, amp, scaler, window) -> tuple[dict, str | None]:
-        """Forward and backward over train.grad_accum batches; -> (mean loss terms, None), or
-        ({}, what was wrong) as soon as any process's loss is NaN/inf (the step's remaining batches are
-        drawn but not used, so the sample stream stays aligned with the iteration count)."""
+    def _accumulate(self) -> tuple[dict, str | None, float, int]:
+        """Forward and backward over train.grad_accum batches; -> (mean loss terms, None, data time, bad
+        samples skipped), or ({}, what was wrong, ...) as soon as any process's loss is NaN/inf (the step's
+        remaining batches are drawn but not used, so the sample stream stays aligned with the iteration count)."""
         accum = self.cfg.train.grad_accum
         values: dict[str, float] = defaultdict(float)
+        data_time, skipped = 0.0, 0
         for j in range(accum):
             t = time.perf_counter()
-            batch = next(data_iter)
-            window["data"] += time.perf_counter() - t
-            images = batch["image"].to(device, non_blocking=True)  # (B, 3, h, w)
-            labels = batch["label"].to(device, non_blocking=True)  # (B, h, w)
+            batch = next(self.data_iter)
+            data_time += time.perf_counter() - t
+            skipped += log_skipped(batch, self.log, "training")  # data.on_bad_sample=skip: replaced, counted
+            images = batch["image"].to(self.device, non_blocking=True)  # (B, 3, h, w)
+            labels = batch["label"].to(self.device, non_blocking=True)  # (B, h, w)
             # with several processes, gradients are all-reduced on the step's last batch only
-            sync = j == accum - 1 or not hasattr(step_module, "no_sync")
-            with contextlib.nullcontext() if sync else step_module.no_sync():
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    terms = step_module(images, labels)
+            sync = j == accum - 1 or not hasattr(self.step_module, "no_sync")
+            with contextlib.nullcontext() if sync else self.step_module.no_sync():
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    terms = self.step_module(images, labels)
                 loss = terms["loss"].detach().float()
                 finite = torch.isfinite(loss).to(torch.int64).reshape(1)
                 if distributed.is_enabled():  # every process must agree to skip, or the all-reduce would hang
                     finite = distributed.all_reduce_sum(finite) == self.ctx.world_size
                 if not bool(finite.all()):
                     for _ in range(accum - 1 - j):
-                        next(data_iter)
+                        next(self.data_iter)
                     local = {k: float(v.detach()) for k, v in terms.items()}
-                    return {}, f"non-finite loss at batch {j + 1} of {accum} (this process: {local})"
-                scaler.scale(terms["loss"] / accum).backward()
+                    return {}, f"non-finite loss at batch {j + 1} of {accum} (this process: {local})", data_time, skipped
+                self.scaler.scale(terms["loss"] / accum).backward()
             for k, v in terms.items():
                 values[k] += float(v.detach()) / accum
-        return dict(values), None
-
-    def _skip_step(self, iteration: int, problem: str, in_a_row: int) -> None:
-        limit = self.cfg.train.max_nonfinite_steps
-        self.log.warning(
-            f"iter {iteration}: {problem}; step skipped, weights unchanged ({in_a_row} in a row, "
-            f"the run stops at {limit})"
-        )
-        if in_a_row >= limit:
-            last = find_last_checkpoint(self.work_dir) if self.ctx.is_main else None
-            raise NonFiniteLossError(
-                f"{in_a_row} training steps in a row had a NaN/inf loss or gradient (the last at iteration "
-                f"{iteration}); stopped without writing a checkpoint. The last good checkpoint is "
-                f"{last or 'none (none was written yet)'}"
-                + ("; continue from it with --resume" if last else "")
-                + ". Lower optim.lr, set optim.clip_grad_norm, use train.amp=none, or check the data "
-                "(scaleseg check-data); train.max_nonfinite_steps sets how many skipped steps in a row are tolerated"
-            )
+        return dict(values), None, data_time, skipped
 
     # ---------------------------------------------------------------------------------------
     def _remove_unfinished_writes(self) -> None:
@@ -345,21 +321,21 @@ class Trainer:
             f"({', '.join(p.name for p in candidates)}); start a new run in another work dir"
         )
 
-    def _restore(self, path: Path, ckpt: dict, model, optimizer, scaler, device, per_step: int) -> tuple[int, dict, int]:
-        """Load weights, optimizer, scaler and RNG state; -> (iteration, best, sample stream position)."""
+    def _restore(self, path: Path, ckpt: dict) -> None:
+        """Load weights, optimizer, scaler, RNG state and the TrainState from a checkpoint."""
         if "optimizer" not in ckpt:
             raise CheckpointError(
                 f"{path} holds weights only (no optimizer state), so training cannot resume from it exactly; "
                 "resume from an iter_*.pth checkpoint"
             )
-        load_model_state(model, ckpt, path, self.cfg.to_dict())
+        load_model_state(self.model, ckpt, path, self.cfg.to_dict())
         try:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as exc:
             raise CheckpointError(f"{path}: the optimizer state does not fit this model's parameter groups ({exc})")
         if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        iteration = int(ckpt["iteration"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state.load_state_dict(ckpt, self.per_step)
         rng, ctx = ckpt["rng"], self.ctx
         ranks = rng.get("ranks") or []
         if ctx.enabled and len(ranks) != ctx.world_size:
@@ -367,157 +343,53 @@ class Trainer:
                 f"the checkpoint was written by {max(len(ranks), 1)} process(es), this run has {ctx.world_size}: "
                 "the per-process random streams (dropout) restart from the seed"
             )
-            torch.manual_seed(self.cfg.train.seed + 1_000_003 * ctx.rank + iteration)
+            torch.manual_seed(self.cfg.train.seed + 1_000_003 * ctx.rank + self.state.iteration)
             own = {"torch": torch.get_rng_state(), "cuda": []}
         else:
             own = ranks[ctx.rank] if ctx.enabled else rng
         torch.set_rng_state(own["torch"])
-        if device.type == "cuda" and own.get("cuda"):
+        if self.device.type == "cuda" and own.get("cuda"):
             torch.cuda.set_rng_state_all(own["cuda"])
-        position = int(ckpt.get("samples_seen", iteration * per_step))
-        return iteration, dict(ckpt["best"]), position
 
-    def _state(self, iteration: int, model, meta: dict, best: dict) -> dict:
+    # ---------------------------------------------------------------------------------------
+    def _weights_state(self) -> dict:
+        meta = self.meta
         return {
-            "iteration": iteration,
-            "model": model.state_dict(),
+            **self.state.state_dict(),
+            "model": self.model.state_dict(),
             "config": self.cfg.to_dict(),
             "num_classes": meta["num_classes"],
             "ignore_index": meta["ignore_index"],
             "class_names": meta["class_names"],
             "palette": meta["palette"],
-            "best": dict(best),
             "scaleseg_version": scaleseg.__version__,
         }
 
-    def _save(self, iteration: int, model, optimizer, scaler, meta: dict, best: dict, per_step: int) -> None:
-        """Rank 0 writes iter_NNNNNN.pth atomically, then points last_checkpoint at it, then deletes the
-        oldest: a kill at any moment leaves last_checkpoint naming a complete file. Every process's RNG
-        state goes in (collected from all of them), so a resume with as many processes is exact."""
+    def save_weights(self, path: Path) -> None:
+        """Weights, config and classes (what eval / predict / export need), atomically; rank 0 only."""
+        save_checkpoint(self._weights_state(), path)
+
+    def save_checkpoint(self) -> Path | None:
+        """iter_NNNNNN.pth with everything a resume needs, then `last_checkpoint` pointing at it; every
+        process's RNG state goes in (gathered from all: call it on every process). -> the path (rank 0)."""
         own = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         ranks = distributed.all_gather_objects(own)
-        if not self.ctx.is_main:
-            return
-        state = self._state(iteration, model, meta, best)
+        if not self.is_main:
+            return None
+        state = self._weights_state()
         state.update(
-            optimizer=optimizer.state_dict(),
-            scaler=scaler.state_dict() if scaler.is_enabled() else None,
-            samples_seen=iteration * per_step,
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
             world_size=self.ctx.world_size,
             rng={**own, "ranks": ranks if self.ctx.enabled else []},
         )
-        path = self.work_dir / f"iter_{iteration:06d}.pth"
+        path = self.work_dir / f"iter_{self.state.iteration:06d}.pth"
         save_checkpoint(state, path)
         write_last_pointer(self.work_dir, path)
-        keep = self.cfg.train.keep_checkpoints
-        if keep:
-            for old in sorted(self.work_dir.glob("iter_*.pth"))[:-keep]:
-                old.unlink()
-
-    def _after_eval(self, iteration: int, results: dict, best: dict, model, meta: dict, scalars, writer) -> dict:
-        s = summary(results)
-        self.log.info(
-            f"eval iter {iteration}: " + "  ".join(f"{k} {v if v is None else f'{v:.2f}'}" for k, v in s.items())
-        )
-        if scalars is not None:
-            scalars.write(json.dumps({"iter": iteration, "split": "val", **s}) + "\n")
-            scalars.flush()
-        if writer is not None:
-            for k, v in s.items():
-                if v is not None:
-                    writer.add_scalar(f"val/{k}", v, iteration)
-        miou = s["mIoU"]
-        if miou is not None and (best["mIoU"] is None or miou > best["mIoU"]):
-            best = {"mIoU": miou, "iteration": iteration}
-            if self.ctx.is_main:
-                save_checkpoint(self._state(iteration, model, meta, best), self.work_dir / "best.pth")
-            self.log.info(f"new best mIoU {miou:.2f} at iteration {iteration}: saved best.pth")
-        return best
-
-    def _log_step(self, iteration, optimizer, sums, window, device, scalars, writer) -> None:
-        """One log line and scalars record for the steps since the last one: loss terms averaged over the
-        steps that were not skipped (and over processes), time per iteration, ETA, peak memory."""
-        tcfg = self.cfg.train
-        n, good = window["iters"], window["good"]
-        keys = sorted(sums)
-        if distributed.is_enabled():  # the same keys in every process: the same model and skipped steps
-            reduced = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device))
-            sums = dict(zip(keys, (reduced / self.ctx.world_size).tolist()))
-        terms = {k: sums[k] / good for k in keys} if good else {}
-        elapsed = time.perf_counter() - window["start"]
-        per_iter = elapsed / n
-        eta = per_iter * (tcfg.iters - iteration)
-        kind, mem = peak_memory_mb(device)
-        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-        head_lr = lrs.get("decoder", next(iter(lrs.values())))
-        if terms:
-            loss_text = f"loss {terms['loss']:.4f}"
-            others = [f"{k} {v:.4f}" for k, v in terms.items() if k != "loss"]
-            if others:
-                loss_text += " (" + ", ".join(others) + ")"
-        else:
-            loss_text = "no loss (every step skipped)"
-        grad_norm = window["grad_norm"] / good if self.cfg.optim.clip_grad_norm is not None and good else None
-        if grad_norm is not None:
-            loss_text += f"  grad norm {grad_norm:.2f}"
-        if good < n:
-            loss_text += f"  skipped steps {n - good}"
-        self.log.info(
-            f"iter {iteration}/{tcfg.iters}  lr {head_lr:.3e}  {loss_text}  time {per_iter:.3f}s/it "
-            f"(data {window['data'] / n:.3f}s)  eta {_hms(eta)}  peak mem {mem:.0f} MiB ({kind})"
-        )
-        if scalars is None:
-            return
-        record = {
-            "iter": iteration,
-            "split": "train",
-            "lr": lrs,
-            **terms,
-            "time_per_iter": per_iter,
-            "data_time": window["data"] / n,
-            f"peak_mem_mb_{kind}": mem,
-        }
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
-        if good < n:
-            record["skipped_steps"] = n - good
-        scalars.write(json.dumps(record) + "\n")
-        scalars.flush()
-        if writer is not None:
-            for k, v in terms.items():
-                writer.add_scalar(f"train/{k}", v, iteration)
-            writer.add_scalar("train/lr", head_lr, iteration)
-
-    def _open_scalars(self, start: int):
-        """Append to scalars.jsonl, first dropping records past `start` (left by a run that crashed
-        after its last checkpoint), so a resumed run's file reads like an uninterrupted one."""
-        path = self.work_dir / "scalars.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= start]
-            path.write_text("".join(line + "\n" for line in kept))
-        return open(path, "a")
-
-    def _open_tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError(
-                "train.tensorboard = true needs the tensorboard package: pip install 'scaleseg[tensorboard]'"
-            ) from None
-        return SummaryWriter(str(self.work_dir / "tensorboard"))
-
-
-def _new_window() -> dict:
-    """Counters of the steps since the last log line: start time, steps, steps not skipped, data time, grad norms."""
-    return {"start": time.perf_counter(), "iters": 0, "good": 0, "data": 0.0, "grad_norm": 0.0}
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        return path
 
 
 def _architecture(model_cfg) -> str:

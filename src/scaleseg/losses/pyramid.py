@@ -1,5 +1,5 @@
 """Specialize and Fuse (seed 004, sections 3.1-3.2): pyramidal ground truth, "done by coarser"
-relabelling and the unity term of Eq. 1.
+relabelling and the unity term of S&F Eq. 1.
 
 Conventions used throughout (and by `models/heads/pyramid.py`):
 
@@ -78,11 +78,13 @@ def pyramid_targets(target: torch.Tensor, strides, ignore_index: int) -> Pyramid
     return PyramidTargets(list(semantic), list(unity))
 
 
-def upsample_cells(mask: torch.Tensor, factor: int) -> torch.Tensor:
-    """Nearest upsampling of a cell map (B, h, w) by an integer factor: each cell covers factor^2 children."""
+def upsample_cells(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Nearest upsampling of a cell map (..., h, w) by an integer factor: each cell covers factor^2 children,
+    (..., h * factor, w * factor). A view, expand and reshape (traceable for any size, used by the export)."""
     if factor == 1:
-        return mask
-    return mask.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+        return x
+    *lead, h, w = x.shape
+    return x[..., :, None, :, None].expand(*lead, h, factor, w, factor).reshape(*lead, h * factor, w * factor)
 
 
 @torch.no_grad()
@@ -128,7 +130,7 @@ def relabel(target: torch.Tensor, done: torch.Tensor, ignore_value: int) -> torc
 
 def unity_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy of one unity level: logits (B, h, w) against 0/1 targets, averaged over the
-    cells that are not `UNITY_IGNORE`; 0 with zero gradient when there are none (Eq. 1's BCE term)."""
+    cells that are not `UNITY_IGNORE`; 0 with zero gradient when there are none (S&F Eq. 1's BCE term)."""
     valid = target != UNITY_IGNORE
     if not bool(valid.any()):
         return logits.sum() * 0.0

@@ -1,7 +1,8 @@
 """The segmentation model: backbone -> decoder -> head, and the questions the engine asks it.
 
-The engine only calls `forward`, `loss`, `dense`, `decide` and `param_groups`; which scorer or
-output structure sits in the head is invisible to it.
+The engine, the analyses and the export only call `forward`, `loss`, `dense`, `dense_with_counts`,
+`decide`, `predict` and `param_groups`, and the head's protocol (`models/heads/base.py`); which
+scorer or output structure sits in the head is invisible to them.
 """
 
 from __future__ import annotations
@@ -10,33 +11,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleseg.models.heads.base import SegmentationHead
+
 
 class Segmentor(nn.Module):
-    def __init__(self, backbone: nn.Module, decoder: nn.Module, head: nn.Module, backbone_lr_mult: float = 0.1) -> None:
+    def __init__(self, backbone: nn.Module, decoder: nn.Module, head: SegmentationHead) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.decoder = decoder
+        self.backbone = backbone  # images -> [maps at strides 4..32] (models/backbones/features.py)
+        self.decoder = decoder  # maps -> features (B, D, H/4, W/4)
         self.head = head
-        self.backbone_lr_mult = backbone_lr_mult
 
     def forward(self, images: torch.Tensor) -> dict:
         """images (B, 3, H, W) -> the head's raw outputs (at the decoder's stride).
 
-        A head with a `size_divisor` (the pyramid: its coarsest stride) gets images zero-padded at the
-        bottom/right to a multiple of it; its `loss` and `dense` pad the labels and crop the output to match.
-        """
-        divisor = getattr(self.head, "size_divisor", 1)
-        H, W = images.shape[-2:]
-        if H % divisor or W % divisor:
-            images = F.pad(images, (0, -W % divisor, 0, -H % divisor))
-        if getattr(self.decoder, "uses_stages", False):
-            features = self.decoder(self.backbone.forward_stages(images))  # stages at strides 4-32 -> H/4
-        else:
-            low_level, out = self.backbone(images)  # (B, c_low, H/4, W/4), (B, c_out, H/os, W/os)
-            features = self.decoder(low_level, out)  # (B, D, H/4, W/4)
-        return self.head(features)
+        A head with a `size_divisor` above 1 (the pyramid: its coarsest stride) gets images zero-padded
+        at the bottom/right to a multiple of it; its `loss` and `dense` pad the labels and crop the
+        output to match. The pad is written as ceil(H / s) * s - H, which torch.export can reason about."""
+        s = self.head.size_divisor
+        if s > 1:
+            H, W = images.shape[-2:]
+            images = F.pad(images, (0, (W + s - 1) // s * s - W, 0, (H + s - 1) // s * s - H))
+        return self.head(self.decoder(self.backbone(images)))
 
-    def loss(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, outputs: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms for a label map (B, H, W); "loss" is their sum, the value to minimise."""
         terms = self.head.loss(outputs, target)
         terms["loss"] = sum(terms.values())
@@ -46,15 +43,32 @@ class Segmentor(nn.Module):
         """The map that inference averages over windows/scales/flips, at the input size: (B, K, H, W)."""
         return self.head.dense(self(images), images.shape[-2:])
 
-    def decide(self, dense: torch.Tensor) -> torch.Tensor:
-        """Class ids (B, H, W) from an (averaged) dense map."""
-        return self.head.decide(dense)
+    def dense_with_counts(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`dense` and the head's per-view counts (see SegmentationHead.dense_with_counts)."""
+        return self.head.dense_with_counts(self(images), images.shape[-2:])
 
-    def param_groups(self) -> list[dict]:
-        """Optimizer groups declared by the parts: backbone at a reduced LR, decoder, head (the
-        head's scorer may declare its own groups, e.g. a class-embedding table)."""
-        return [
-            {"name": "backbone", "params": list(self.backbone.parameters()), "lr_mult": self.backbone_lr_mult},
-            {"name": "decoder", "params": list(self.decoder.parameters())},
-            *self.head.param_groups(),
-        ]
+    def decide(self, dense: torch.Tensor, chunk_classes: int | None = None) -> torch.Tensor:
+        """Class ids (B, H, W) from an (averaged) dense map; `chunk_classes`: see ClassScorer.decide."""
+        return self.head.decide(dense, chunk_classes)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, chunk_classes: int | None = None) -> torch.Tensor:
+        """Class ids (B, H, W) of normalised images (B, 3, H, W): one view, the whole image, in bounded
+        memory (nothing of C x H x W with the embedding scorer), in eval mode (a model in training mode
+        is switched for the call and back). What the ONNX export traces. Windows, scales and flips:
+        `scaleseg.predict_labels`."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.decide(self.dense(images), chunk_classes)
+        finally:
+            self.train(was_training)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Every parameter under the name of its optimizer group (backbone, decoder, and the head's:
+        head, class_embeddings); what each group gets is `optim.groups.<name>`."""
+        return {
+            "backbone": list(self.backbone.parameters()),
+            "decoder": list(self.decoder.parameters()),
+            **self.head.param_groups(),
+        }

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scaleseg.data.datasets.base import FileSegmentation, Sample, check_root, format_values, list_pairs, read_lines
+from scaleseg.data.datasets.base import (
+    FileSegmentation, Sample, check_root, format_values, list_pairs, read_label_file, read_lines,
+)
 from scaleseg.errors import DataError
 
 # The 150 SceneParsing classes in objectInfo150 order: annotation value k is class k - 1.
@@ -170,3 +172,13 @@ class ADE20KFull(FileSegmentation):
 
     def list_samples(self) -> list[Sample]:
         return list_pairs(self.root / "images" / self.split, self.root / "annotations" / self.split, IMAGE_SUFFIX, LABEL_SUFFIX)
+
+    def read_label(self, sample: Sample) -> np.ndarray:
+        raw = read_label_file(sample.label, self.LABEL_BITS)
+        if raw.dtype == np.uint8:
+            raise DataError(
+                f"label {str(sample.label)!r} is an 8-bit image; ADE20K-full labels are 16-bit PNGs (class ids up "
+                f"to {self.num_classes - 1}, ignore 65535), so this file cannot hold them (its 255 would read as a "
+                "class). Write the folder with `scaleseg prepare ade20k-full`"
+            )
+        return raw

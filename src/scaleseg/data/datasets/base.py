@@ -12,8 +12,17 @@ A file dataset subclasses `FileSegmentation` and provides:
 
 `__getitem__` reads the image (uint8 RGB) and the label, and checks that both have the same size and
 that every label value is a class id or the ignore value. A problem raises `DataError` naming the
-file; with `on_bad_sample="skip"` the sample is replaced by the next good one and a warning counts
-the skips (missing files are found when the split is listed, so they are counted up front).
+file. An unpaired file (an image without its label or a label without its image) is found when the
+split is listed: an error naming every such file, or, with `on_bad_sample="skip"`, a warning with
+the count; the sample stays listed and is skipped when read, like any other bad sample.
+
+With `on_bad_sample="skip"`, `load_or_skip(index, substitute)` says what to do with a bad sample:
+training replaces it by the next good one (`substitute=True`, so batches keep their size),
+evaluation leaves it out (`substitute=False`); both return the problems passed over, which the
+loaders hand to the engine to count and log (see `scaleseg.data.skipped_samples`).
+
+Images and labels are read as stored: an image's EXIF orientation tag is not applied (label maps
+are drawn on the stored pixels, and PNG label files carry no such tag), so the two stay aligned.
 """
 
 from __future__ import annotations
@@ -32,6 +41,11 @@ from scaleseg.errors import DataError
 
 # The most skipped samples in a row before a skip-mode dataset gives up (something is badly wrong).
 MAX_CONSECUTIVE_SKIPS = 20
+# Appended to a bad sample's error when it stops a run (data.on_bad_sample=error).
+BAD_SAMPLE_FIX = (
+    "run `scaleseg check-data` on the config to list every problem, or set data.on_bad_sample=skip to skip "
+    "bad samples (counted and logged)"
+)
 
 
 @dataclass(frozen=True)
@@ -91,12 +105,18 @@ def format_values(values, limit: int = 10, sep: str = ", ") -> str:
 
 
 def list_pairs(image_folder: Path, label_folder: Path, image_suffix: str = ".jpg", label_suffix: str = ".png") -> list[Sample]:
-    """Every `image_folder/*<image_suffix>`, sorted, with `label_folder/<stem><label_suffix>` as its
-    label ([] when the folder does not exist; missing labels are reported when the split is listed)."""
-    if not image_folder.is_dir():
-        return []
-    images = sorted(p for p in image_folder.iterdir() if p.suffix.lower() == image_suffix and p.is_file())
-    return [Sample(p.stem, p, label_folder / f"{p.stem}{label_suffix}") for p in images]
+    """A sample per stem found among `image_folder/*<image_suffix>` and `label_folder/*<label_suffix>`,
+    sorted: `image_folder/<stem><image_suffix>` with `label_folder/<stem><label_suffix>` ([] when neither
+    folder exists). A stem found on one side only is listed with the other side's expected path, which
+    does not exist: the split's listing reports it (an unpaired file is never silently dropped)."""
+
+    def stems(folder: Path, suffix: str) -> set[str]:
+        if not folder.is_dir():
+            return set()
+        return {p.name[: -len(suffix)] for p in folder.iterdir() if p.name.lower().endswith(suffix) and p.is_file()}
+
+    found = stems(image_folder, image_suffix) | stems(label_folder, label_suffix)
+    return [Sample(s, image_folder / f"{s}{image_suffix}", label_folder / f"{s}{label_suffix}") for s in sorted(found)]
 
 
 def make_palette(num_classes: int, seed: int = 0) -> np.ndarray:
@@ -162,7 +182,7 @@ class FileSegmentation(Dataset):
         samples = self.list_samples()
         if not samples:
             raise DataError(f"{self.NAME}: split {self.split!r} under {str(self.root)!r} has no samples ({self.LAYOUT})")
-        self.samples = self._drop_missing(samples)
+        self.samples = self._check_listed(samples)
 
     @classmethod
     def from_config(cls, cfg, split: str) -> "FileSegmentation":
@@ -186,15 +206,31 @@ class FileSegmentation(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
+        """Sample `index`; in skip mode a bad one is replaced by the next good one, with a warning."""
+        item, skipped = self.load_or_skip(index, substitute=True)
+        for problem in skipped:
+            self.skipped += 1
+            warnings.warn(f"skipping a bad sample ({self.skipped} skipped so far in this process): {problem}", stacklevel=2)
+        return item
+
+    def load_or_skip(self, index: int, substitute: bool) -> tuple[dict | None, list[str]]:
+        """(sample, problems of the bad samples passed over). With on_bad_sample="error" a bad sample
+        raises DataError (naming the file and the fix). With "skip" a bad sample is passed over: replaced
+        by the next good one when `substitute` (training), else the sample is None (evaluation)."""
         if self.on_bad_sample == "error":
-            return self.load(index)
-        for attempt in range(MAX_CONSECUTIVE_SKIPS):
+            try:
+                return self.load(index), []
+            except DataError as exc:
+                raise DataError(f"{exc}; {BAD_SAMPLE_FIX}") from None
+        skipped: list[str] = []
+        for attempt in range(MAX_CONSECUTIVE_SKIPS if substitute else 1):
             i = (index + attempt) % len(self.samples)
             try:
-                return self.load(i)
+                return self.load(i), skipped
             except DataError as exc:
-                self.skipped += 1
-                warnings.warn(f"skipping a bad sample ({self.skipped} skipped so far in this process): {exc}", stacklevel=2)
+                skipped.append(str(exc))
+        if not substitute:
+            return None, skipped
         raise DataError(
             f"{self.NAME}: {MAX_CONSECUTIVE_SKIPS} bad samples in a row from index {index}; "
             "the dataset is badly damaged, run `scaleseg check-data` on the config to list every problem"
@@ -203,7 +239,9 @@ class FileSegmentation(Dataset):
     def load(self, index: int) -> dict:
         """Read, decode and check sample `index` (raises DataError naming the file)."""
         sample = self.samples[index]
-        image = read_image(sample.image)
+        if not (sample.image.is_file() and sample.label.is_file()):
+            raise DataError(self.missing_file_message(sample))
+        image = read_image(sample.image, exif=False)
         label = np.asarray(self.decode_label(self.read_label(sample), sample), dtype=np.int64)
         if label.shape != image.shape[:2]:
             raise DataError(
@@ -225,22 +263,29 @@ class FileSegmentation(Dataset):
                 f"Check that data.dataset ({self.NAME}) matches the files"
             )
 
-    def _drop_missing(self, samples: list[Sample]) -> list[Sample]:
-        missing = [(s, p) for s in samples for p in (s.image, s.label) if not p.is_file()]
+    def missing_file_message(self, sample: Sample) -> str:
+        """What is wrong with a sample whose image or label file does not exist."""
+        image, label = sample.image.is_file(), sample.label.is_file()
+        if label and not image:
+            return f"label {str(sample.label)!r} has no image (expected {str(sample.image)!r})"
+        if image and not label:
+            return f"image {str(sample.image)!r} has no label (expected {str(sample.label)!r})"
+        return f"neither {str(sample.image)!r} nor {str(sample.label)!r} exists (listed in split {self.split!r})"
+
+    def _check_listed(self, samples: list[Sample]) -> list[Sample]:
+        """Report samples with a missing file: an error, or in skip mode a warning with their count (they
+        stay listed, so every read of one is skipped and counted, and check-data lists each)."""
+        missing = [s for s in samples if not (s.image.is_file() and s.label.is_file())]
         if not missing:
             return samples
-        shown = format_values([p for _, p in missing], limit=5, sep="; ")
+        shown = format_values([self.missing_file_message(s) for s in missing], limit=5, sep="; ")
+        where = f"{self.NAME} split {self.split!r} under {str(self.root)!r}: {len(missing)} of {len(samples)} samples"
         if self.on_bad_sample == "error":
             raise DataError(
-                f"{self.NAME} split {self.split!r}: {len(missing)} listed files do not exist: {shown}. "
-                "Restore them, or set data.on_bad_sample=skip to train without those samples"
+                f"{where} lack a file: {shown}. Add the missing files, or set data.on_bad_sample=skip to leave "
+                "those samples out (each is skipped, counted and logged)"
             )
-        bad = {s for s, _ in missing}
-        kept = [s for s in samples if s not in bad]
-        warnings.warn(
-            f"{self.NAME} split {self.split!r}: skipping {len(bad)} of {len(samples)} samples whose files are missing: {shown}",
-            stacklevel=3,
-        )
-        if not kept:
-            raise DataError(f"{self.NAME} split {self.split!r}: every sample has a missing file: {shown}")
-        return kept
+        if len(missing) == len(samples):
+            raise DataError(f"{where} lack a file, every one of them: {shown}")
+        warnings.warn(f"{where} lack a file and will be skipped: {shown}", stacklevel=3)
+        return samples

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scaleseg.data.datasets.base import FileSegmentation, Sample
+from scaleseg.data.datasets.base import FileSegmentation, Sample, format_values
 from scaleseg.errors import DataError
 
 # The 19 evaluated classes in trainId order, their official colours, and the labelId of each.
@@ -24,6 +24,8 @@ CITYSCAPES_PALETTE = np.array(
     ],
     dtype=np.uint8,
 )
+# labelIds run 0 (unlabeled) .. 33 (bicycle); license plate (-1) is never drawn into the files
+MAX_LABEL_ID = 33
 # labelId of trainId 0..18
 EVALUATED_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 
@@ -62,7 +64,8 @@ class Cityscapes(FileSegmentation):
 
     Labels: the ``labelIds`` PNGs hold the 34 Cityscapes label ids (8-bit); they are mapped to the
     19 trainIds (road 0, sidewalk 1, ..., bicycle 18) through a 256-entry lookup table, and every
-    other id (unlabeled 0, ego vehicle 1, ..., license plate, any value > 33) becomes 255 = ignore.
+    other label id (unlabeled 0, ego vehicle 1, ..., 255) becomes 255 = ignore; a value 34..254 is no
+    label id (the file is not a labelIds map) and raises `DataError` naming the file.
     Where a ``<name>_gtFine_labelTrainIds.png`` lies beside the labelIds file it is read instead,
     its values taken as trainIds already (0..18, 255). Such files are written by
     ``scaleseg prepare cityscapes --root <data.root>`` (or by the official cityscapesScripts'
@@ -112,4 +115,11 @@ class Cityscapes(FileSegmentation):
     def decode_label(self, raw: np.ndarray, sample: Sample) -> np.ndarray:
         if sample.label.name.endswith(TRAIN_ID_SUFFIX):
             return raw  # already trainIds (255 = ignore)
+        bad = (raw > MAX_LABEL_ID) & (raw != 255)
+        if bad.any():  # not a labelId at all: the file is no gtFine labelIds map
+            raise DataError(
+                f"label {str(sample.label)!r} has {int(bad.sum())} pixels with values that are no Cityscapes "
+                f"label id (0..{MAX_LABEL_ID}, or 255): {format_values(np.unique(raw[bad]))}. A *_gtFine_labelIds.png "
+                "holds the 34 label ids; is it a colour or instance map, or from another dataset?"
+            )
         return LABEL_TO_TRAIN[raw]  # (H, W) labelId -> trainId

@@ -138,33 +138,16 @@ class FolderSegmentation(FileSegmentation):
         labels = _index_files(label_dir, LABEL_SUFFIXES, "labels")
         samples = []
         for key in sorted(images.keys() | labels.keys()):
-            # a missing side gets a placeholder path that does not exist: `_drop_missing` reports it
+            # a missing side gets a placeholder path that does not exist: `_check_listed` reports it
             image = images.get(key, image_dir / f"{key}.*")
             label = labels.get(key, label_dir / f"{key}.png")
             samples.append(Sample(name=key, image=image, label=label))
         return samples
 
-    def _drop_missing(self, samples: list[Sample]) -> list[Sample]:
-        no_label = [s.image for s in samples if s.image.is_file() and not s.label.is_file()]
-        no_image = [s.label for s in samples if s.label.is_file() and not s.image.is_file()]
-        if not no_label and not no_image:
-            return samples
-
-        def shown(paths: list[Path]) -> str:
-            return ", ".join(str(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
-
-        problems = []
-        if no_label:
-            problems.append(
-                f"{len(no_label)} images have no label (expected labels/{self.split}/<same path>.png or .tif): {shown(no_label)}"
-            )
-        if no_image:
-            problems.append(f"{len(no_image)} labels have no image: {shown(no_image)}")
-        message = f"folder split {self.split!r} under {str(self.root)!r}: " + "; ".join(problems)
-        if self.on_bad_sample == "error":
-            raise DataError(f"{message}. Add the missing files, or set data.on_bad_sample=skip to leave them out")
-        kept = [s for s in samples if s.image.is_file() and s.label.is_file()]
-        if not kept:
-            raise DataError(f"{message}; no image has a label")
-        warnings.warn(f"{message}; skipping these {len(samples) - len(kept)} of {len(samples)} samples", stacklevel=3)
-        return kept
+    def missing_file_message(self, sample: Sample) -> str:
+        if sample.label.is_file() and not sample.image.is_file():
+            return f"label {str(sample.label)!r} has no image (expected images/{self.split}/{sample.name}.<jpg|png|...>)"
+        if sample.image.is_file() and not sample.label.is_file():
+            return (f"image {str(sample.image)!r} has no label (expected labels/{self.split}/{sample.name}.png or "
+                    ".tif, the same relative path and stem)")
+        return super().missing_file_message(sample)

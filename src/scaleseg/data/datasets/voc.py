@@ -137,9 +137,9 @@ class PascalVOCAug(PascalVOC):
                 )
         return super().list_samples()
 
-    def _drop_missing(self, samples: list[Sample]) -> list[Sample]:
+    def _check_listed(self, samples: list[Sample]) -> list[Sample]:
         try:
-            return super()._drop_missing(samples)
+            return super()._check_listed(samples)
         except DataError as exc:
             if self.split != "trainaug":
                 raise

@@ -14,6 +14,7 @@ PREPARERS = {
     "voc-aug": "voc_aug",
     "ade20k-full": "ade20k_full",
     "coco-lvis": "coco_lvis",
+    "pascal-context": "pascal_context",
 }
 
 

@@ -1,5 +1,13 @@
-"""Convert the full ADE20K release (ADE20K_2021_17_01) into ADE20K-full: 16-bit labels of its N
-most frequent classes (847 by default, the size of MaskFormer's ADE20K-Full benchmark).
+"""Convert the full ADE20K release (ADE20K_2021_17_01) into ADE20K-full: 16-bit labels of 847 classes.
+
+Two class lists (--classes):
+  maskformer (default): the ADE20K-full benchmark as MaskFormer prepares it, which is what published
+    results are compared against: a fixed list of 847 full indices, full index MASKFORMER_FULL_INDICES[t]
+    -> class t (see `scaleseg.data.prepare.maskformer_ade20k_full` for the source), and every image
+    whose shorter side exceeds 512 resized to a shorter side of 512 (--max-short-side).
+  ranked: ours, the --num-classes most frequent classes of the training images you have (by the
+    number of training images holding them, ties by the smaller full index), most frequent first.
+    It recomputes a selection rather than reproducing the benchmark's ids.
 
 Input (--root, the extracted release):
   images/ADE/{training,validation}/<scene folders...>/<name>.jpg with <name>_seg.png beside it,
@@ -8,32 +16,35 @@ Input (--root, the extracted release):
   Optional: objects.txt (tab-separated, first column the class name, row k naming full index k)
   or index_ade20k.pkl (its 'objectnames' list, entry k - 1 naming full index k) for class names.
 
-Class selection: every training *_seg.png is read once and each full class index is counted by
-the number of training images it appears in (at least one pixel); index 0 is never a class.
-The N indices with the largest counts are kept, ties broken by the smaller full index; classes
-seen in no training image are never kept, so fewer than N may remain. Kept classes get the ids
-0..N-1 in that order (most frequent first). MaskFormer ships its 847 classes as a fixed list;
-this rule recomputes the selection from the files you have.
+Resizing (--max-short-side, 512 by default as MaskFormer; 0 keeps every size): an image whose shorter
+side S exceeds it gets the shorter side max_short_side and the longer side round(L / S * max), Python's
+round as in MaskFormer's script. The class map follows OpenCV's nearest rule (INTER_NEAREST: output
+pixel i takes input pixel floor(i * in / out)), so the labels equal MaskFormer's; the image is resized
+bilinearly (half-pixel centres, no antialiasing, as OpenCV's INTER_LINEAR) and saved as JPEG quality
+95. MaskFormer's script re-encodes every image with PIL's default quality 75; images that need no
+resizing are linked here unchanged, so image pixels differ from its files by JPEG re-encoding only.
 
 Output (--out, the `data.root` of `data.dataset=ade20k_full`):
-  classes.txt                                     <id> TAB <full index> TAB <name>, one line per kept class
-  class_image_counts.tsv                          every full index seen in training, ranked: index, images, name
-  annotations/{training,validation}/<name>.png    16-bit PNG: kept classes -> 0..N-1, the rest and 0 -> 65535
-  images/{training,validation}/<name>.jpg         absolute symlinks to the release's images
-                                                  (copies with --copy-images)
+  classes.txt                                     <id> TAB <full index> TAB <name>, one line per class
+  prepare.json                                    the class list and resizing this folder was written with
+  class_image_counts.tsv                          (ranked) every full index seen in training, ranked
+  annotations/{training,validation}/<name>.png    16-bit PNG: listed classes -> 0..N-1, the rest and 0 -> 65535
+  images/{training,validation}/<name>.jpg         absolute symlinks to the release's images (copies with
+                                                  --copy-images), or the resized JPEG
 
 Resumable and idempotent: each output is written to a temporary name in its folder and then
 renamed, so a file that exists is complete; a second run skips finished samples (and reuses the
-training counts while the training files are unchanged). A run that would change the class
-selection of an existing --out stops with an error unless --overwrite is given. Class names read
-from index_ade20k.pkl use a restricted unpickler that only rebuilds numpy arrays and plain Python
-containers (no arbitrary code runs).
+training counts while the training files are unchanged) and removes the temporary files of a
+killed run. A run that would change the class list or the resizing of an existing --out stops with
+an error unless --overwrite is given. Class names read from index_ade20k.pkl use a restricted
+unpickler that only rebuilds numpy arrays and plain Python containers (no arbitrary code runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -43,10 +54,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from scaleseg.data.io import atomic_write, write_png_atomic, write_text_atomic
+from scaleseg.data.io import atomic_write, read_image, write_png_atomic, write_text_atomic
+from scaleseg.data.prepare.maskformer_ade20k_full import MASKFORMER_FULL_INDICES
 from scaleseg.errors import DataError
 
-HELP = "full ADE20K release -> ADE20K-full: 16-bit labels of its N most frequent classes (847 by default)"
+HELP = "full ADE20K release -> ADE20K-full: 16-bit labels of MaskFormer's 847 benchmark classes (or the N most frequent)"
 
 SPLITS = ("training", "validation")
 SEG_SUFFIX = "_seg.png"
@@ -55,13 +67,22 @@ IGNORE = 65535
 NUM_FULL_INDICES = (255 // 10) * 256 + 256
 CLASSES_FILE = "classes.txt"
 COUNTS_FILE = "class_image_counts.tsv"
+RECORD_FILE = "prepare.json"
+MASKFORMER_SHORT_SIDE = 512
 
 
 def add_arguments(parser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the layout of the module docstring
     parser.add_argument("--root", required=True, help="the extracted full release (ADE20K_2021_17_01), holding images/ADE/")
     parser.add_argument("--out", required=True, help="output folder (use it as data.root with data.dataset=ade20k_full)")
-    parser.add_argument("--num-classes", type=int, default=847, help="keep this many most frequent classes (default 847)")
+    parser.add_argument("--classes", choices=["maskformer", "ranked"], default="maskformer",
+                        help="maskformer (default): the benchmark's fixed 847-class list; ranked: the --num-classes "
+                             "most frequent classes of your training images")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="with --classes ranked: keep this many most frequent classes (default 847)")
+    parser.add_argument("--max-short-side", type=int, default=MASKFORMER_SHORT_SIDE,
+                        help="resize images whose shorter side is longer to this shorter side (default 512, as "
+                             "MaskFormer; 0 keeps every size)")
     parser.add_argument("--copy-images", action="store_true", help="copy the images instead of symlinking them")
     parser.add_argument("--workers", type=int, default=1, help="processes reading and writing files (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite every output, even complete ones")
@@ -286,9 +307,42 @@ def _set_lut(lut: np.ndarray) -> None:
     _LUT = lut
 
 
-def _convert(job: tuple[Path, Path, Path, Path, bool, bool]) -> bool:
+def resized_size(height: int, width: int, max_short_side: int) -> tuple[int, int] | None:
+    """(new height, new width) when the shorter side exceeds `max_short_side` (MaskFormer's rule: the
+    shorter side becomes max_short_side, the longer round(long / short * max)), else None."""
+    if max_short_side <= 0:
+        return None
+    if width >= height > max_short_side:
+        return max_short_side, round(width / float(height) * max_short_side)
+    if height >= width > max_short_side:
+        return round(height / float(width) * max_short_side), max_short_side
+    return None
+
+
+def resize_nearest_opencv(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """OpenCV's INTER_NEAREST: output (i, j) takes input (floor(i * ifx_y), floor(j * ifx_x)), clipped,
+    with ifx = 1 / (out / in) in double precision, as OpenCV computes it (no half-pixel centres)."""
+    def source(n_in: int, n_out: int) -> np.ndarray:
+        scale = 1.0 / (n_out / n_in)
+        return np.minimum(np.floor(np.arange(n_out) * scale).astype(np.int64), n_in - 1)
+
+    return array[source(array.shape[0], height)[:, None], source(array.shape[1], width)[None, :]]
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (height, width, 3): bilinear, half-pixel centres, no antialiasing (OpenCV's
+    INTER_LINEAR up to its fixed-point rounding)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    out = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _convert(job: tuple[Path, Path, Path, Path, bool, bool, int]) -> bool:
     """Write one sample's label and image; False when both were already complete."""
-    image, seg, label_out, image_out, copy, overwrite = job
+    image, seg, label_out, image_out, copy, overwrite, max_short_side = job
     if not overwrite and label_out.is_file() and image_out.exists():
         return False
     index = read_seg(seg)
@@ -298,8 +352,15 @@ def _convert(job: tuple[Path, Path, Path, Path, bool, bool]) -> bool:
             f"segmentation {str(seg)!r} is {index.shape[1]}x{index.shape[0]} but its image {str(image)!r} is "
             f"{width}x{height} (width x height); they must be the same size"
         )
+    size = resized_size(height, width, max_short_side)
+    if size is not None:
+        index = resize_nearest_opencv(index, *size)
     write_png_atomic(label_out, _LUT[index].astype(np.uint16))  # label first: an image in --out implies its label is complete
-    _place_image(image, image_out, copy)
+    if size is None:
+        _place_image(image, image_out, copy)
+    else:
+        resized = Image.fromarray(resize_bilinear(read_image(image, exif=False), *size))
+        atomic_write(image_out, lambda tmp: resized.save(tmp, format="JPEG", quality=95))
     return True
 
 
@@ -356,6 +417,30 @@ def _counts_text(counts: np.ndarray, names: dict[int, str], fingerprint: str, nu
     return "\n".join(rows) + "\n"
 
 
+def _record(args) -> dict:
+    """What the labels depend on besides the class selection (which classes.txt holds)."""
+    return {"format": "scaleseg ade20k-full v2", "classes": args.classes, "max_short_side": args.max_short_side}
+
+
+def _check_record(out: Path, record: dict, overwrite: bool) -> None:
+    """An --out written with another class list or resizing holds labels this run would not write."""
+    path = out / RECORD_FILE
+    if overwrite or not (out / CLASSES_FILE).is_file():
+        return
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    if previous != record:
+        was = ("written by an older scaleseg (no prepare.json)" if not isinstance(previous, dict) else
+               f"written with --classes {previous.get('classes')} --max-short-side {previous.get('max_short_side')}")
+        raise DataError(
+            f"{str(out)!r} was {was}; this run has --classes {record['classes']} --max-short-side "
+            f"{record['max_short_side']}, so its labels would be wrong. Use another --out, or --overwrite to "
+            "rewrite every file"
+        )
+
+
 def _classes_text(kept: np.ndarray, names: dict[int, str]) -> str:
     return "".join(f"{i}\t{full}\t{_clean_name(names.get(int(full), ''), int(full))}\n" for i, full in enumerate(kept))
 
@@ -376,28 +461,45 @@ def run(args) -> int:
 
     root, out = Path(args.root).expanduser(), Path(args.out).expanduser()
     progress = not args.no_progress
+    if args.classes == "maskformer":
+        if args.num_classes not in (None, len(MASKFORMER_FULL_INDICES)):
+            raise DataError(
+                f"--num-classes {args.num_classes}: MaskFormer's ADE20K-full list has {len(MASKFORMER_FULL_INDICES)} "
+                "classes; use --classes ranked to keep another number of the most frequent classes"
+            )
+        args.num_classes = len(MASKFORMER_FULL_INDICES)
+    elif args.num_classes is None:
+        args.num_classes = len(MASKFORMER_FULL_INDICES)
     if args.num_classes < 1 or args.num_classes > IGNORE:
         raise DataError(f"--num-classes {args.num_classes}: must be between 1 and {IGNORE} (65535 is the ignore value)")
     if args.workers < 1:
         raise DataError(f"--workers {args.workers}: must be 1 or more")
+    if args.max_short_side < 0:
+        raise DataError(f"--max-short-side {args.max_short_side}: must be 0 (no resizing) or more")
     samples = find_samples(root)
     names, names_source = load_class_names(root)
-
-    # 1. rank the full classes by the number of training images holding them (cached in --out)
     out.mkdir(parents=True, exist_ok=True)
+    record = _record(args)
+    _check_record(out, record, args.overwrite)
     train_segs = [seg for _, _, seg in samples["training"]]
-    fingerprint = _fingerprint(root, train_segs)
-    counts = None if args.overwrite else _load_counts(out, fingerprint)
-    if counts is None:
-        counts = count_class_images(train_segs, workers=args.workers, progress=progress)
-        write_text_atomic(out / COUNTS_FILE, _counts_text(counts, names, fingerprint, len(train_segs)))
-    else:
-        print(f"ade20k-full: reusing the training class counts in {str(out / COUNTS_FILE)!r}")
-    kept = select_classes(counts, args.num_classes)
-    if len(kept) == 0:
-        raise DataError(f"no labelled pixel in any training segmentation under {str(root)!r}; nothing to keep")
 
-    # 2. the class list; a different selection would make existing labels wrong
+    if args.classes == "maskformer":
+        kept = np.array(MASKFORMER_FULL_INDICES, dtype=np.int64)
+        counts = None
+    else:
+        # rank the full classes by the number of training images holding them (cached in --out)
+        fingerprint = _fingerprint(root, train_segs)
+        counts = None if args.overwrite else _load_counts(out, fingerprint)
+        if counts is None:
+            counts = count_class_images(train_segs, workers=args.workers, progress=progress)
+            write_text_atomic(out / COUNTS_FILE, _counts_text(counts, names, fingerprint, len(train_segs)))
+        else:
+            print(f"ade20k-full: reusing the training class counts in {str(out / COUNTS_FILE)!r}")
+        kept = select_classes(counts, args.num_classes)
+        if len(kept) == 0:
+            raise DataError(f"no labelled pixel in any training segmentation under {str(root)!r}; nothing to keep")
+
+    # the class list; a different selection would make existing labels wrong
     classes_path = out / CLASSES_FILE
     previous = _existing_selection(classes_path)
     if previous is not None and previous != kept.tolist() and not args.overwrite:
@@ -406,8 +508,9 @@ def run(args) -> int:
             f"({len(kept)} classes): its labels would be wrong. Use another --out, or --overwrite to rewrite every file"
         )
     write_text_atomic(classes_path, _classes_text(kept, names))
+    write_text_atomic(out / RECORD_FILE, json.dumps(record, indent=1) + "\n")
 
-    # 3. labels and images
+    # labels and images
     lut = class_lut(kept)
     done: dict[str, tuple[int, int]] = {}
     with _pool(args.workers, lut) as pool:
@@ -418,7 +521,7 @@ def run(args) -> int:
                     stale.unlink()
             jobs = [
                 (image, seg, out / "annotations" / split / f"{name}.png", out / "images" / split / f"{name}.jpg",
-                 args.copy_images, args.overwrite)
+                 args.copy_images, args.overwrite, args.max_short_side)
                 for name, image, seg in samples[split]
             ]
             mapped = pool.imap(_convert, jobs, chunksize=4) if pool else map(_convert, jobs)
@@ -426,16 +529,23 @@ def run(args) -> int:
                                disable=not progress, dynamic_ncols=True))
             done[split] = (len(jobs), written)
 
-    present = int(np.count_nonzero(counts[1:]))
-    print(
-        f"ade20k-full: kept {len(kept)} of the {present} classes seen in {len(train_segs)} training images "
-        f"(asked for {args.num_classes}; the least frequent kept class is in {int(counts[kept[-1]])} images); "
-        f"names from {names_source}"
-    )
+    if counts is None:
+        print(f"ade20k-full: the {len(kept)} classes of MaskFormer's ADE20K-full benchmark (fixed list), images with "
+              f"a shorter side above {args.max_short_side} resized to it; names from {names_source}"
+              if args.max_short_side else
+              f"ade20k-full: the {len(kept)} classes of MaskFormer's ADE20K-full benchmark (fixed list), sizes kept; "
+              f"names from {names_source}")
+    else:
+        present = int(np.count_nonzero(counts[1:]))
+        print(
+            f"ade20k-full: kept {len(kept)} of the {present} classes seen in {len(train_segs)} training images "
+            f"(asked for {args.num_classes}; the least frequent kept class is in {int(counts[kept[-1]])} images); "
+            f"names from {names_source}"
+        )
     for split, (total, written) in done.items():
         print(f"  {split}: {total} images ({written} written, {total - written} already complete)")
-    print(f"  -> {out}  (train with data.dataset=ade20k_full data.root={out})")
-    if len(kept) < args.num_classes:
+    print(f"  -> {out}  (train with data.dataset=ade20k_full data.root={out} data.num_classes={len(kept)})")
+    if counts is not None and len(kept) < args.num_classes:
         print(f"warning: only {len(kept)} classes appear in the training images, fewer than --num-classes "
               f"{args.num_classes}", file=sys.stderr)
     return 0

@@ -4,7 +4,8 @@ every label id that is not evaluated. The `cityscapes` dataset reads these files
 (the same values it would compute from the labelIds files).
 
 Idempotent: label maps already written are skipped (each is written to a temporary name and
-renamed, so a file that exists is complete); an interrupted run resumes where it stopped.
+renamed, so a file that exists is complete); an interrupted run resumes where it stopped, and the
+temporary files of a killed run are removed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from scaleseg.data.datasets.base import read_label_file
-from scaleseg.data.io import write_png_atomic
+from scaleseg.data.io import remove_temporaries, write_png_atomic
 from scaleseg.data.datasets.cityscapes import LABEL_ID_SUFFIX, LABEL_TO_TRAIN, TRAIN_ID_SUFFIX, list_label_id_files
 from scaleseg.errors import DataError
 
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         if not found:
             raise DataError(f"folder {str(folder)!r} holds no <city>/*{LABEL_ID_SUFFIX} files")
         sources += found
+    for folder in sorted({p.parent for p in sources}):
+        remove_temporaries(folder)  # of a run killed mid-write
 
     written = skipped = 0
     for source in tqdm(sources, desc="cityscapes trainIds", unit="img", disable=args.no_progress):

@@ -37,13 +37,18 @@ ids present}) and `summary_<split>.json` (images, pixels per class, fraction unl
 
 Resuming: every label is written under a temporary name and renamed when complete, and a label
 that already exists, decodes and has the image's size is kept; so an interrupted build continues
-where it stopped, and a finished one rebuilds nothing. The summary and the per-image class lists
-always cover the whole split (kept labels are read back).
+where it stopped, and a finished one rebuilds nothing. Only a build of the same inputs resumes:
+`build_<split>.json` records each input file's size and SHA-256 (and the painting rules' version)
+before any label is written, and a run whose inputs differ from those that built the labels already
+in `labels/<split>/` stops with an error, unless `--overwrite` is given, which deletes them and
+builds the split anew. Temporary files of a killed run are removed. The summary and the per-image
+class lists always cover the whole split (kept labels are read back).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -68,7 +73,7 @@ from scaleseg.data.datasets.coco_lvis import (
     split_list_file,
     summary_file,
 )
-from scaleseg.data.io import write_png_atomic, write_text_atomic
+from scaleseg.data.io import remove_temporaries, write_png_atomic, write_text_atomic
 from scaleseg.errors import DataError, ScalesegError
 
 HELP = "build the 1284-class COCO+LVIS labels (uint16 PNGs) from LVIS v1 and COCO-Stuff annotations"
@@ -76,6 +81,9 @@ HELP = "build the 1284-class COCO+LVIS labels (uint16 PNGs) from LVIS v1 and COC
 # COCO-Stuff stuff id -> the LVIS v1 category id it merges into (the 10 classes both vocabularies have)
 STUFF_TO_LVIS = {92: 50, 93: 110, 98: 181, 108: 346, 109: 350, 137: 713, 141: 804, 153: 904, 165: 1050, 168: 1108}
 FIRST_STUFF_ID, LAST_STUFF_ID, STUFF_OTHER = 92, 182, 183
+# Changes whenever the painting rules (order, merges, lookup table) change: labels of another version
+# are from other "inputs" and are not kept by a resumed build.
+PAINTING_VERSION = 1
 EMPTY = -1  # painting: no annotation has reached the pixel yet
 INVALID = -2  # stuff lookup: not a stuff id
 
@@ -381,9 +389,69 @@ def _work(index: int) -> tuple:
     return built, classes, counts, ignored, height * width
 
 
+def file_fingerprint(path: Path) -> dict:
+    """{"file": absolute path, "bytes": size, "sha256": hex digest} of an input file (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"file": str(path.resolve()), "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def inputs_record(lvis_path: Path, stuff_paths: list[Path]) -> dict:
+    """What a split's labels are built from: the input files' content (size and SHA-256; the names are
+    kept for messages only) and the painting rules' version. --limit and --images are not part of it."""
+    return {"painting_version": PAINTING_VERSION, "lvis": file_fingerprint(lvis_path),
+            "stuff": sorted((file_fingerprint(p) for p in stuff_paths), key=lambda f: f["sha256"])}
+
+
+def _same_inputs(a: dict | None, b: dict) -> bool:
+    def content(r):
+        return (r.get("painting_version"), (r["lvis"]["bytes"], r["lvis"]["sha256"]),
+                sorted((f["bytes"], f["sha256"]) for f in r["stuff"]))
+
+    try:
+        return a is not None and content(a) == content(b)
+    except (KeyError, TypeError):
+        return False
+
+
+def _describe_inputs(r: dict | None) -> str:
+    if not isinstance(r, dict) or "lvis" not in r:
+        return "unknown inputs (the build record names none: an older build)"
+    try:
+        files = [("--lvis", r["lvis"])] + [("--stuff", f) for f in r["stuff"]]
+        return ", ".join(f"{opt} {Path(f['file']).name} ({f['bytes']} bytes, sha256 {f['sha256'][:12]})" for opt, f in files)
+    except (KeyError, TypeError):
+        return "unknown inputs (the build record is damaged)"
+
+
+def _check_resume(label_dir: Path, record_path: Path, inputs: dict, overwrite: bool) -> None:
+    """Labels already in `label_dir` must come from `inputs`, or be deleted with `overwrite`."""
+    existing = sorted(label_dir.glob("*.png"))
+    if not existing:
+        return
+    if overwrite:
+        for path in existing:
+            path.unlink()
+        return
+    try:
+        previous = json.loads(record_path.read_text(encoding="utf-8")).get("inputs")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if not _same_inputs(previous, inputs):
+        raise DataError(
+            f"{str(label_dir)!r} holds {len(existing)} labels built from other inputs than this run's: "
+            f"{_describe_inputs(previous)}; this run: {_describe_inputs(inputs)}. Resuming would keep those labels. "
+            "Run again with --overwrite to rebuild the split from this run's inputs, or build into another --out"
+        )
+
+
 def build(lvis: str | Path, stuff: list, images: str | Path, out: str | Path, split: str = "train",
-          limit: int | None = None, progress: bool = True, workers: int = 1) -> dict:
-    """Build (or finish building) one split; returns the summary (also written to summary_<split>.json)."""
+          limit: int | None = None, progress: bool = True, workers: int = 1, overwrite: bool = False) -> dict:
+    """Build (or finish building) one split; returns the summary (also written to summary_<split>.json).
+    Labels already there are kept only if they were built from the same inputs (else an error, or with
+    `overwrite` they are deleted and the split is built anew)."""
     from tqdm import tqdm
 
     _mask_utils()  # fail before reading gigabytes of JSON if pycocotools is missing
@@ -468,10 +536,14 @@ def build(lvis: str | Path, stuff: list, images: str | Path, out: str | Path, sp
         )
     if existing is None:  # the first split's build writes it; later ones (same categories) keep it
         _write_json(classes_path, class_list)
+    remove_temporaries(label_dir)  # of a run killed mid-write
+    inputs = inputs_record(lvis_path, stuff_paths)
+    _check_resume(label_dir, build_record_file(out, split), inputs, overwrite)
+    # written before any label: every label in label_dir is then from these inputs
     _write_json(build_record_file(out, split), {
         "format": FORMAT, "split": split, "images_root": str(images_root),
         "lvis": str(lvis_path.resolve()), "stuff": [str(p.resolve()) for p in stuff_paths],
-        "limit": limit, "label_encoding": LABEL_ENCODING,
+        "limit": limit, "label_encoding": LABEL_ENCODING, "inputs": inputs,
     })
 
     # the labels (resumable: complete ones are read back, not rebuilt)
@@ -540,12 +612,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images (by id): a trial run")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
                         help="processes painting labels (default: min(8, CPUs))")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the split's labels and build it anew (needed when the inputs changed since they were built)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     summary = build(args.lvis, args.stuff, args.images, args.out, split=args.split, limit=args.limit,
-                    progress=not args.no_progress, workers=max(1, args.workers))
+                    progress=not args.no_progress, workers=max(1, args.workers), overwrite=args.overwrite)
     print(
         f"coco-lvis {summary['split']}: {summary['images']} images ({summary['images_built']} built, "
         f"{summary['images_kept']} already complete), {summary['classes_present']} of {NUM_CLASSES} classes present, "

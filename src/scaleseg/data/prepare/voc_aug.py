@@ -8,7 +8,8 @@ on the real data) for the `voc_aug` dataset. Writes, inside VOCdevkit/VOC2012:
   means every mask was written).
 
 Idempotent: masks already written are skipped (each is written to a temporary name and renamed,
-so a file that exists is complete); an interrupted run resumes where it stopped.
+so a file that exists is complete); an interrupted run resumes where it stopped, and the temporary
+files of a killed run are removed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from scaleseg.data.datasets.base import read_label_file, read_lines
 from scaleseg.data.datasets.voc import VOC_CLASSES, VOC_COLORMAP, find_voc2012
-from scaleseg.data.io import write_png_atomic, write_text_atomic
+from scaleseg.data.io import remove_temporaries, write_png_atomic, write_text_atomic
 from scaleseg.errors import DataError
 
 HELP = "build VOC 2012 trainaug: SBD masks -> SegmentationClassAug/*.png and trainaug.txt"
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir = voc / "SegmentationClassAug"
     out_dir.mkdir(exist_ok=True)
+    remove_temporaries(out_dir)  # of a run killed mid-write
     written = skipped = 0
     for i in tqdm(ids, desc="voc trainaug masks", unit="img", disable=args.no_progress):
         target = out_dir / f"{i}.png"

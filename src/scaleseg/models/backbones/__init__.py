@@ -1,35 +1,33 @@
-"""Backbones: image -> (low-level, high-level) feature maps, torchvision-weight compatible.
+"""Backbones: image -> four feature maps at strides 4-32, torchvision / official-HRNet weight compatible.
 
-Contract shared by every backbone (ResNet and MobileNetV2 families):
+Contract shared by every backbone (see ``features.py``, in the manner of timm's ``features_only``):
 
-* Constructor arguments ``output_stride: int = 16`` (8, 16 or 32; anything else is a
-  ValueError), ``norm_layer: Callable[[int], nn.Module] | None = None`` (builds a norm
-  layer from a channel count; default ``nn.BatchNorm2d``) and
-  ``bn_momentum: float | None = None`` (if given, set on every BatchNorm; the paper uses
-  0.01; GroupNorm layers, from ``scaleseg.models.norm.make_norm("group")``, are left alone).
-* Attributes ``out_channels`` (high-level channels), ``low_level_channels`` (stride-4
-  channels), ``output_stride``, ``arch`` (name, e.g. "resnet50") and
-  ``pretrained_ignore_prefixes`` (classification-head keys of a torchvision file).
-* ``forward(x)`` with ``x`` of shape (B, 3, H, W) returns ``(low_level, out)``:
-  ``low_level`` is (B, low_level_channels, ceil(H/4), ceil(W/4)) and ``out`` is
-  (B, out_channels, ceil(H/output_stride), ceil(W/output_stride)).
-* Parameter names and shapes equal torchvision's (minus the classifier) at every output
-  stride, so one torchvision ImageNet ``.pth`` file loads at any output stride.
+* Constructor arguments ``output_stride: int = 16`` (8, 16 or 32; HRNet: 32 only),
+  ``norm_layer: Callable[[int], nn.Module] | None = None`` (builds a norm layer from a channel
+  count; default ``nn.BatchNorm2d``) and ``bn_momentum: float | None = None`` (if given, set on
+  every BatchNorm; the paper uses 0.01; GroupNorm layers are left alone).
+* ``forward(x)`` with ``x`` of shape (B, 3, H, W) returns the list of four maps, finest first;
+  ``feature_info.channels()`` and ``feature_info.reduction()`` give their channels and strides
+  (a dilated stage keeps the previous stride: [4, 8, 16, 16] at output stride 16).
+* Attributes ``output_stride``, ``arch`` (name, e.g. "resnet50") and
+  ``pretrained_ignore_prefixes`` (classification-head keys of an ImageNet file).
+* Parameter names and shapes equal torchvision's (HRNet: the official code's) minus the
+  classifier at every output stride, so one ImageNet ``.pth`` file loads at any output stride.
 
-==============  ==================  ============
-name            low_level_channels  out_channels
-==============  ==================  ============
-resnet18        64                  512
-resnet34        64                  512
-resnet50        256                 2048
-resnet101       256                 2048
-resnet_tiny     16                  128
-mobilenet_v2    24                  320
-hrnetv2_w18     18                  144
-hrnetv2_w32     32                  256
-hrnetv2_w48     48                  384
-hrnet_tiny      8                   64
-==============  ==================  ============
+==============  =====================
+name            feature channels
+==============  =====================
+resnet18        64, 128, 256, 512
+resnet34        64, 128, 256, 512
+resnet50        256, 512, 1024, 2048
+resnet101       256, 512, 1024, 2048
+resnet_tiny     16, 32, 64, 128
+mobilenet_v2    24, 32, 96, 320
+hrnetv2_w18     18, 36, 72, 144
+hrnetv2_w32     32, 64, 128, 256
+hrnetv2_w48     48, 96, 192, 384
+hrnet_tiny      8, 16, 32, 64
+==============  =====================
 """
 
 from __future__ import annotations
@@ -42,18 +40,21 @@ from torch import nn
 
 from scaleseg.errors import ConfigError
 
+from .features import FeatureInfo
 from .hrnet import HRNet, hrnet_tiny, hrnetv2_w18, hrnetv2_w32, hrnetv2_w48
 from .mobilenetv2 import MobileNetV2, mobilenet_v2
-from .pretrained import LoadReport, load_pretrained
+from .pretrained import LoadReport, describe_weights, load_pretrained
 from .resnet import NormLayer, ResNet, resnet18, resnet34, resnet50, resnet101, resnet_tiny
 
 __all__ = [
     "BACKBONES",
+    "FeatureInfo",
     "HRNet",
     "LoadReport",
     "MobileNetV2",
     "ResNet",
     "build_backbone",
+    "describe_weights",
     "hrnet_tiny",
     "hrnetv2_w18",
     "hrnetv2_w32",
@@ -92,16 +93,27 @@ def build_backbone(
     pretrained: str | os.PathLike[str] | None = None,
     bn_momentum: float | None = None,
     norm_layer: NormLayer | None = None,
+    pretrained_strict: bool = True,
 ) -> nn.Module:
     """Build the backbone ``name`` and optionally load a torchvision weight file into it.
 
-    The load report (or None) is kept as ``backbone.pretrained_report``; missing and
+    The load report (or None) is kept as ``backbone.pretrained_report``; a file whose keys do not
+    match the backbone's is refused unless ``pretrained_strict`` is false, when the missing and
     unexpected keys are logged at WARNING level on the "scaleseg" logger.
 
     Raises:
         ConfigError (a ValueError): unknown ``name`` or ``output_stride`` not 8, 16, 32.
-        CheckpointError: ``pretrained`` is missing, corrupt or for another architecture.
+        CheckpointError: ``pretrained`` is missing, corrupt or for another architecture (or,
+            with ``pretrained_strict``, another depth of the same one).
     """
+    if name.startswith("timm:"):
+        if norm_layer not in (None, nn.BatchNorm2d):
+            raise ConfigError(f"a timm encoder ({name}) keeps its own norm layers; model.norm=group needs our backbones")
+        from .timm_encoder import TimmEncoder
+
+        backbone = TimmEncoder(name.removeprefix("timm:"), output_stride, pretrained, bn_momentum)
+        backbone.pretrained_report = None
+        return backbone
     if name not in BACKBONES:
         raise ConfigError(
             f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}"
@@ -113,7 +125,7 @@ def build_backbone(
     )
     report = None
     if pretrained is not None:
-        report = load_pretrained(backbone, pretrained)
+        report = load_pretrained(backbone, pretrained, strict=pretrained_strict)
         _log_report(name, report)
     backbone.pretrained_report = report
     return backbone
@@ -121,9 +133,14 @@ def build_backbone(
 
 def _log_report(name: str, report: LoadReport) -> None:
     """Log what was loaded; missing and unexpected keys at WARNING level."""
+    head = len(report.ignored) - report.ignored_statistics
+    ignored = (
+        f"the classifier ({head}) and the BatchNorm statistics of the layers that are GroupNorm here "
+        f"({report.ignored_statistics})" if report.ignored_statistics else "the classifier"
+    )
     logger.info(
-        "%s: loaded %d tensors from %s (%d unused keys ignored: the classifier, and with GroupNorm the BN statistics)",
-        name, report.loaded, report.path, len(report.ignored),
+        "%s: loaded %d tensors from %s (%d unused keys ignored: %s)",
+        name, report.loaded, report.path, len(report.ignored), ignored,
     )
     for kind, keys in (("missing from", report.missing), ("unexpected in", report.unexpected)):
         if keys:

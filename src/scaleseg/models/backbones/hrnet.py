@@ -17,8 +17,8 @@ As in ``seg_hrnet.py``, a coarser branch is brought to a finer one by bilinear i
 (align_corners=False) to the finer branch's exact size, so odd input sizes work; with k x k
 stride-2 convs padded by 1 every branch is ceil(H / stride) x ceil(W / stride).
 
-Unlike the ResNet / MobileNetV2 backbones, ``forward`` returns the list of the four maps,
-not ``(low_level, out)``; the output stride is fixed (32 for the coarsest map).
+``forward`` returns the four maps (the backbone contract of ``features.py``); the output stride is
+fixed (32 for the coarsest map).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch import nn
 
 from scaleseg.errors import ConfigError
 
+from .features import FeatureInfo
 from .resnet import BasicBlock, Bottleneck, NormLayer, conv1x1, conv3x3, init_weights, set_bn_momentum
 
 # Strides of the four branches; HRNet has no dilated variant.
@@ -157,7 +158,6 @@ class HRNet(nn.Module):
     pretrained_ignore_prefixes: tuple[str, ...] = (
         "incre_modules.", "downsamp_modules.", "final_layer.", "classifier.",
     )
-    stage_strides: tuple[int, int, int, int] = HRNET_STRIDES
 
     def __init__(
         self,
@@ -181,9 +181,7 @@ class HRNet(nn.Module):
         norm: NormLayer = norm_layer if norm_layer is not None else nn.BatchNorm2d
         self.arch = arch
         self.output_stride = output_stride
-        self.stage_channels = tuple(widths)
-        self.low_level_channels = widths[0]
-        self.out_channels = widths[3]
+        self.feature_info = FeatureInfo(widths, HRNET_STRIDES, [f"stage4.branch{i}" for i in range(4)])
 
         self.conv1 = conv3x3(3, stem_width, stride=2)
         self.bn1 = norm(stem_width)
@@ -226,8 +224,8 @@ class HRNet(nn.Module):
         """Existing branches go through their own layer, new ones start from the last."""
         return [layer(xs[i] if i < len(xs) else xs[-1]) for i, layer in enumerate(layers)]
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Return the four branch maps for an image batch ``x`` of shape (B, 3, H, W):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four branch maps for an image batch ``x`` of shape (B, 3, H, W):
         (B, W, ceil(H/4), ceil(W/4)), (B, 2W, ceil(H/8), ...), (B, 4W, ceil(H/16), ...),
         (B, 8W, ceil(H/32), ...)."""
         x = self.relu(self.bn1(self.conv1(x)))  # (B, stem, H/2, W/2)
@@ -237,10 +235,6 @@ class HRNet(nn.Module):
         xs = self.stage3(self._transition(self.transition2, xs))  # strides 4, 8, 16
         xs = self.stage4(self._transition(self.transition3, xs))  # strides 4, 8, 16, 32
         return xs
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Same as :meth:`forward_stages`: the four maps at strides 4, 8, 16, 32."""
-        return self.forward_stages(x)
 
 
 def _hrnetv2(width: int, arch: str, output_stride: int, norm_layer: NormLayer | None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .features import FeatureInfo, stage_reductions
 from .resnet import NormLayer, check_output_stride, set_bn_momentum
 
 # (expand ratio t, output channels c, repeats n, first stride s), torchvision's width 1.0.
@@ -32,8 +33,9 @@ INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
     (6, 320, 1, 1),
 )
 STEM_CHANNELS = 32
-# features[0:LOW_LEVEL_END] give the stride-4 low-level features.
-LOW_LEVEL_END = 4
+# features[0:4], [4:7], [7:14], [14:18] end at strides 4, 8, 16 and 32 (24, 32, 96, 320 channels), as
+# timm's mobilenetv2 feature taps (its stride-2 map, features.1, is not used)
+STAGE_ENDS = (4, 7, 14, 18)
 
 
 class ConvBNReLU6(nn.Sequential):
@@ -77,6 +79,7 @@ class InvertedResidual(nn.Module):
     ) -> None:
         super().__init__()
         self.stride = stride
+        self.out_channels = out_ch
         self.use_res_connect = stride == 1 and in_ch == out_ch
         hidden = int(round(in_ch * expand_ratio))
         layers: list[nn.Module] = []
@@ -98,7 +101,7 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """MobileNetV2 backbone (``features.0..17``); returns ``(features.3 out, features.17 out)``.
+    """MobileNetV2 backbone (``features.0..17``); returns the outputs of features.3, .6, .13, .17.
 
     Args:
         output_stride: 8, 16 or 32; the resolution of the ``out`` feature map.
@@ -121,8 +124,10 @@ class MobileNetV2(nn.Module):
         self.arch = "mobilenet_v2"
         self.output_stride = output_stride
         self.features = nn.Sequential(*self._build_features(output_stride, norm))
-        self.low_level_channels = INVERTED_RESIDUAL_SETTING[1][1]  # 24
-        self.out_channels = INVERTED_RESIDUAL_SETTING[-1][1]  # 320
+        self.feature_info = FeatureInfo(
+            [self.features[end - 1].out_channels for end in STAGE_ENDS], stage_reductions(output_stride),
+            [f"features.{end - 1}" for end in STAGE_ENDS],
+        )
         self._init_weights()
         if bn_momentum is not None:
             set_bn_momentum(self, bn_momentum)
@@ -159,15 +164,15 @@ class MobileNetV2(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(low_level, out)`` features for an image batch ``x``."""
-        # x: (B, 3, H, W)
-        for layer in self.features[:LOW_LEVEL_END]:
-            x = layer(x)
-        low_level = x  # (B, 24, H/4, W/4)
-        for layer in self.features[LOW_LEVEL_END:]:
-            x = layer(x)
-        return low_level, x  # out: (B, 320, H/OS, W/OS)
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of features.3, .6, .13 and .17 (see `feature_info`) for images ``x`` (B, 3, H, W)."""
+        features, start = [], 0
+        for end in STAGE_ENDS:
+            for layer in self.features[start:end]:
+                x = layer(x)
+            features.append(x)  # strides 4, 8, min(16, OS), OS
+            start = end
+        return features
 
 
 def mobilenet_v2(

@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .features import FeatureInfo, stage_reductions
+
 NormLayer = Callable[[int], nn.Module]
 
 # Which of layer2, layer3, layer4 trade their stride 2 for dilation, per output stride.
@@ -192,9 +194,10 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2, dilate=dilate[1])
         self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2, dilate=dilate[2])
 
-        self.low_level_channels = widths[0] * block.expansion
-        self.stage_channels = tuple(w * block.expansion for w in widths)  # layer1..layer4
-        self.out_channels = widths[3] * block.expansion
+        self.feature_info = FeatureInfo(
+            [w * block.expansion for w in widths], stage_reductions(output_stride),
+            ["layer1", "layer2", "layer3", "layer4"],
+        )
         init_weights(self)
         if bn_momentum is not None:
             set_bn_momentum(self, bn_momentum)
@@ -226,24 +229,14 @@ class ResNet(nn.Module):
             stage.append(block(out_ch, planes, dilation=self._dilation, norm_layer=norm))
         return nn.Sequential(*stage)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(low_level, out)`` features for an image batch ``x``."""
-        # x: (B, 3, H, W)
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of layer1..layer4 (see `feature_info`) for an image batch ``x`` (B, 3, H, W)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, stem, H/4, W/4)
-        low_level = self.layer1(x)  # (B, low_level_channels, H/4, W/4)
-        x = self.layer2(low_level)  # (B, C2, H/8, W/8)
-        x = self.layer3(x)  # (B, C3, H/min(16, OS), W/min(16, OS))
-        out = self.layer4(x)  # (B, out_channels, H/OS, W/OS)
-        return low_level, out
-
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The outputs of layer1..layer4 (strides 4, 8, 16, 32 at output stride 32)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        stages = []
+        features = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            stages.append(x)
-        return stages
+            x = layer(x)  # strides 4, 8, min(16, OS), OS
+            features.append(x)
+        return features
 
 
 def resnet18(

@@ -7,7 +7,7 @@ norm + ReLU; 1x1 projection to `channels` + dropout; low-level 1x1 to 48 channel
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,8 @@ def default_aspp_dilations(output_stride: int) -> tuple[int, ...]:
 
 
 class DeepLabV3PlusDecoder(nn.Module):
-    """(low_level (B, c_low, H/4, W/4), out (B, c_out, H/os, W/os)) -> features (B, channels, H/4, W/4)."""
+    """A backbone's feature maps -> features (B, channels, H/4, W/4): ASPP on the last (coarsest) map,
+    fused with the first (stride-4, "low-level") map."""
 
     def __init__(
         self,
@@ -83,7 +84,8 @@ class DeepLabV3PlusDecoder(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, low_level: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        low_level, out = features[0], features[-1]  # (B, c_low, H/4, W/4), (B, c_out, H/os, W/os)
         x = self.aspp(out)  # (B, channels, H/os, W/os)
         x = F.interpolate(x, size=low_level.shape[-2:], mode="bilinear", align_corners=False)
         x = torch.cat([x, self.low_level_project(low_level)], dim=1)  # (B, channels + 48, H/4, W/4)

@@ -17,9 +17,7 @@ from scaleseg.models.decoders.deeplabv3plus import conv_norm_relu
 
 
 class HRNetFusionDecoder(nn.Module):
-    """[stage maps at strides 4, 8, 16, 32] -> (B, sum(widths), H/4, W/4)."""
-
-    uses_stages = True  # the Segmentor passes backbone.forward_stages(images)
+    """A backbone's four maps at strides 4, 8, 16, 32 -> (B, sum(widths), H/4, W/4)."""
 
     def __init__(
         self,

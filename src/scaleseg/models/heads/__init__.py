@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from scaleseg.config import HeadConfig
+from scaleseg.models.heads.base import ClassScorer, SegmentationHead
 from scaleseg.models.heads.scorers import EmbeddingScorer, LinearScorer
 from scaleseg.models.heads.pyramid import PyramidHead
 from scaleseg.models.heads.single import SingleLevelHead
 from scaleseg.models.norm import NormLayer
 
 
-def build_scorer(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int) -> nn.Module:
+def build_scorer(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int) -> ClassScorer:
     if cfg.scorer == "linear":
         return LinearScorer(in_channels, num_classes, ignore_index)
     e = cfg.embedding
@@ -30,9 +29,6 @@ def build_scorer(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_ind
         ignore_index=ignore_index,
         search_budget_bytes=e.search_budget_mb * 2**20,
         search_backend=e.search_backend,
-        embedding_momentum=e.embedding_momentum,
-        embedding_poly_power=e.embedding_poly_power,
-        embedding_lr_mult=e.embedding_lr_mult,
         search_block=e.search_block,
         search_index=e.search_index,
         index_min_classes=e.index_min_classes,
@@ -76,7 +72,7 @@ def build_pyramid(
 
 def build_head(
     cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int, norm_layer: NormLayer | None = None
-) -> nn.Module:
+) -> SegmentationHead:
     """The configured structure x scorer. Only the pyramid has norm layers; the single-level head is a
     scorer's 1x1 conv alone, so `norm_layer` does not reach it."""
     if cfg.structure == "pyramid":
@@ -84,4 +80,7 @@ def build_head(
     return SingleLevelHead(build_scorer(cfg, in_channels, num_classes, ignore_index), cfg.loss_resolution)
 
 
-__all__ = ["build_head", "build_pyramid", "build_scorer", "EmbeddingScorer", "LinearScorer", "PyramidHead", "SingleLevelHead"]
+__all__ = [
+    "build_head", "build_pyramid", "build_scorer", "ClassScorer", "EmbeddingScorer", "LinearScorer", "PyramidHead",
+    "SegmentationHead", "SingleLevelHead",
+]

@@ -1,5 +1,5 @@
 """The Specialize-and-Fuse pyramidal output structure (seed 004): unity head, semantic head with the
-coarse-to-fine contextual module, Eq. 1 training with "done by coarser" relabelling, Eq. 2 fusion.
+coarse-to-fine contextual module, S&F Eq. 1 training with "done by coarser" relabelling, S&F Eq. 2 fusion.
 
 Levels are ordered coarse to fine (the paper's l = 1..L), e.g. strides (32, 16, 8, 4); the finest
 stride is the stride of the features the head receives. Each semantic level ends in its own class
@@ -34,13 +34,30 @@ from scaleseg.losses.pyramid import (
     upsample_cells,
 )
 from scaleseg.models.decoders.deeplabv3plus import conv_norm_relu
+from scaleseg.models.heads.base import ClassScorer, SegmentationHead
 from scaleseg.models.heads.single import nearest_downsample, resize_scores
 from scaleseg.models.norm import NormLayer, norm_1d
 
 
+def _pool_matrix(size, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """(bins, size) averaging weights of adaptive average pooling: bin i covers [floor(i * size / bins),
+    ceil((i + 1) * size / bins)), as `F.adaptive_avg_pool2d`. `size` may be symbolic (torch.export)."""
+    i = torch.arange(bins, device=like.device)
+    start = (i * size) // bins
+    end = ((i + 1) * size + bins - 1) // bins
+    j = torch.arange(size, device=like.device)
+    inside = (j[None] >= start[:, None]) & (j[None] < end[:, None])
+    return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+
 def pyramid_pool(x: torch.Tensor, bins: tuple[int, ...]) -> torch.Tensor:
-    """Spatial pyramid pooling, flattened (Eq. 6, 10): (B, D, h, w) -> (B, D, sum(b * b))."""
-    return torch.cat([F.adaptive_avg_pool2d(x, b).flatten(2) for b in bins], dim=2)
+    """Spatial pyramid pooling, flattened (S&F Eq. 6, 10): (B, D, h, w) -> (B, D, sum(b * b)).
+
+    Adaptive average pooling written as two matrix products whose weights follow the input's size, so
+    the ONNX export traces this very function for any image size (`F.adaptive_avg_pool2d` would freeze
+    its bins at the traced size); equal to `adaptive_avg_pool2d` up to float rounding."""
+    h, w = x.shape[-2:]
+    return torch.cat([(_pool_matrix(h, b, x) @ x @ _pool_matrix(w, b, x).T).flatten(2) for b in bins], dim=2)
 
 
 def conv1d_norm_relu(cin: int, cout: int, norm_layer: NormLayer | None = None) -> nn.Sequential:
@@ -56,7 +73,7 @@ def fuse(
     finest_dense: torch.Tensor,
     tau: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 2: every pixel takes the prediction of the coarsest level whose cell is unity (>= tau), the
+    """S&F Eq. 2: every pixel takes the prediction of the coarsest level whose cell is unity (>= tau), the
     finest level's otherwise.
 
     coarse_dense: per coarse level (coarse to fine), (B, K, h_l, w_l) dense maps (probabilities or unit
@@ -73,8 +90,6 @@ def fuse(
         return fused, level
     for index in reversed(range(len(coarse_dense))):  # fine to coarse: the coarsest unity cell wins
         unity = upsample_cells(coarse_unity[index] >= tau, strides[index])[:, :H, :W]  # (B, H, W)
-        if not bool(unity.any()):
-            continue
         cells = upsample_cells(coarse_dense[index], strides[index])[..., :H, :W]  # (B, K, H, W)
         fused = torch.where(unity[:, None], cells.to(fused.dtype), fused)
         level = level.masked_fill(unity, index)
@@ -115,7 +130,7 @@ class UnityHead(nn.Module):
 
 
 class ContextAggregation(nn.Module):
-    """CA (Eq. 8-9): attention from the level's cells to the context tokens, concat, Conv1x1-BN-ReLU."""
+    """CA (S&F Eq. 8-9): attention from the level's cells to the context tokens, concat, Conv1x1-BN-ReLU."""
 
     def __init__(self, channels: int, key_channels: int, norm_layer: NormLayer | None = None) -> None:
         super().__init__()
@@ -131,11 +146,11 @@ class ContextAggregation(nn.Module):
         v = self.value(context).transpose(1, 2)  # (B, T, D)
         att = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, n, D)
         att = att.transpose(1, 2).reshape(B, D, h, w)
-        return self.aggregate(torch.cat([att, x], dim=1))  # X'^(l), Eq. 9
+        return self.aggregate(torch.cat([att, x], dim=1))  # X'^(l), S&F Eq. 9
 
 
 class ContextUpdate(nn.Module):
-    """CU (Eq. 10-11): pyramid-pool the refined level, concat with the context, Conv1x1-BN-ReLU."""
+    """CU (S&F Eq. 10-11): pyramid-pool the refined level, concat with the context, Conv1x1-BN-ReLU."""
 
     def __init__(self, channels: int, bins: tuple[int, ...], norm_layer: NormLayer | None = None) -> None:
         super().__init__()
@@ -147,9 +162,9 @@ class ContextUpdate(nn.Module):
 
 
 class SemanticHead(nn.Module):
-    """Section 4.2: Conv1x1 to D_s, average pooling to every level (Eq. 3), the coarse-to-fine
-    contextual module (Eq. 4-11; `context=False` is the "simplest" variant of Table 6), and per level
-    the ConvBlock's Conv1x1-BN-ReLU (its final Conv1x1 to classes is the level's scorer, Eq. 7)."""
+    """Section 4.2: Conv1x1 to D_s, average pooling to every level (S&F Eq. 3), the coarse-to-fine
+    contextual module (S&F Eq. 4-11; `context=False` is the "simplest" variant of Table 6), and per level
+    the ConvBlock's Conv1x1-BN-ReLU (its final Conv1x1 to classes is the level's scorer, S&F Eq. 7)."""
 
     def __init__(
         self,
@@ -174,20 +189,20 @@ class SemanticHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
         x = self.project(features)  # (B, D_s, h, w)
-        levels = [F.avg_pool2d(x, f) if f > 1 else x for f in self.factors]  # Eq. 3
+        levels = [F.avg_pool2d(x, f) if f > 1 else x for f in self.factors]  # S&F Eq. 3
         if self.context:
-            theta = pyramid_pool(x, self.bins)  # theta^(0), Eq. 6: (B, D_s, T)
+            theta = pyramid_pool(x, self.bins)  # theta^(0), S&F Eq. 6: (B, D_s, T)
             refined = []
             for index, x_level in enumerate(levels):
-                x_level = self.aggregate[index](x_level, theta)  # Eq. 4
+                x_level = self.aggregate[index](x_level, theta)  # S&F Eq. 4
                 if index < len(self.update):
-                    theta = self.update[index](x_level, theta)  # Eq. 5
+                    theta = self.update[index](x_level, theta)  # S&F Eq. 5
                 refined.append(x_level)
             levels = refined
         return [block(x_level) for block, x_level in zip(self.blocks, levels)]
 
 
-class PyramidHead(nn.Module):
+class PyramidHead(SegmentationHead):
     """features (B, D, H/s_L, W/s_L) -> {"semantic": [scores per level], "unity": [logits per coarse level]}.
 
     Scores of level l are (B, K, H/s_l, W/s_l) (K = C for a linear scorer, d for an embedding scorer);
@@ -198,7 +213,7 @@ class PyramidHead(nn.Module):
 
     def __init__(
         self,
-        scorers: list[nn.Module],
+        scorers: list[ClassScorer],
         in_channels: int,
         strides=(32, 16, 8, 4),
         unity_channels: int = 64,
@@ -229,7 +244,6 @@ class PyramidHead(nn.Module):
         self.unity_head = UnityHead(in_channels, unity_channels, factors[:-1], norm_layer)
         self.semantic_head = SemanticHead(in_channels, semantic_channels, factors, context, context_bins, norm_layer)
         self.scorers = nn.ModuleList(scorers)
-        self.level_pixels: torch.Tensor | None = None  # pixels fused from each level since reset_level_stats()
 
     def forward(self, features: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         semantic = [scorer(x) for scorer, x in zip(self.scorers, self.semantic_head(features))]
@@ -240,7 +254,7 @@ class PyramidHead(nn.Module):
         return h * self.strides[-1], w * self.strides[-1]
 
     def loss(self, outputs, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Eq. 1: the mean over levels of each scorer's loss + the mean unity BCE over the coarse levels,
+        """S&F Eq. 1: the mean over levels of each scorer's loss + the mean unity BCE over the coarse levels,
         on targets relabelled by the configured policy (computed without gradient)."""
         semantic, unity = outputs["semantic"], outputs["unity"]
         padded = pad_labels(target, self.size_divisor, self.ignore_index)
@@ -281,37 +295,25 @@ class PyramidHead(nn.Module):
         return fuse(coarse, probs, self.strides, finest, self.tau)
 
     def dense(self, outputs, size: tuple[int, int]) -> torch.Tensor:
+        return self.fuse_outputs(outputs, size)[0]
+
+    def dense_with_counts(self, outputs, size: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The fused map and {"level_pixels": (L,) pixels taken from each level, coarse to fine}."""
         fused, level = self.fuse_outputs(outputs, size)
-        counts = torch.bincount(level.flatten(), minlength=len(self.strides)).cpu()
-        self.level_pixels = counts if self.level_pixels is None else self.level_pixels + counts
-        return fused
+        return fused, {"level_pixels": torch.bincount(level.flatten(), minlength=len(self.strides))}
 
-    def reset_level_stats(self) -> None:
-        self.level_pixels = None
+    def empty_counts(self) -> dict[str, torch.Tensor]:
+        return {"level_pixels": torch.zeros(len(self.strides), dtype=torch.int64)}
 
-    def level_fractions(self) -> dict[str, float] | None:
-        """Fraction of fused pixels taken from each level since `reset_level_stats` (Table 9's split),
-        keyed by stride, e.g. {"stride_32": 0.41, ...}; None if nothing was fused."""
-        if self.level_pixels is None or int(self.level_pixels.sum()) == 0:
-            return None
-        total = float(self.level_pixels.sum())
-        return {f"stride_{s}": float(n) / total for s, n in zip(self.strides, self.level_pixels.tolist())}
+    def summarize_counts(self, counts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """S&F Table 9's split: the percentage of pixels each level decided, {"level_stride_32": 41.2, ...};
+        {} if nothing was fused."""
+        pixels = counts.get("level_pixels")
+        if pixels is None or int(pixels.sum()) == 0:
+            return {}
+        total = float(pixels.sum())
+        return {f"level_stride_{s}": round(100 * float(n) / total, 2) for s, n in zip(self.strides, pixels.tolist())}
 
-    def decide(self, dense: torch.Tensor) -> torch.Tensor:
-        return self.scorers[-1].decide(dense)
-
-    def param_groups(self) -> list[dict]:
-        """The scorers' groups (a shared class table listed once) and every other head parameter in "head"."""
-        groups: dict[str, dict] = {}
-        seen: set[int] = set()
-        for scorer in self.scorers:
-            for group in scorer.param_groups():
-                params = [p for p in group["params"] if id(p) not in seen]
-                seen.update(id(p) for p in params)
-                if group["name"] in groups:
-                    groups[group["name"]]["params"].extend(params)
-                else:
-                    groups[group["name"]] = {**group, "params": params}
-        rest = [p for p in self.parameters() if id(p) not in seen]
-        groups.setdefault("head", {"name": "head", "params": []})["params"].extend(rest)
-        return list(groups.values())
+    def describe_counts(self, summary: dict[str, float]) -> list[str]:
+        shares = [f"stride {s}: {summary[f'level_stride_{s}']:.2f}%" for s in self.strides if f"level_stride_{s}" in summary]
+        return [f"pixels decided per pyramid level: {', '.join(shares)}"] if shares else []

@@ -2,15 +2,8 @@
 
 A scorer is the last 1x1 conv of the network plus everything that depends on how classes are
 represented: the per-pixel objective, the dense map that inference averages over windows, scales
-and flips, and the decision from that map to class ids. Structures (single level, pyramid) call
-these four methods and never look inside:
-
-    forward(features (B, D, h, w)) -> scores (B, K, h, w)     K = C (linear) or d (embedding)
-    loss(scores (B, K, H, W), target (B, H, W), regularize=True) -> {term: scalar}
-                       (regularize=False leaves out terms on the classes alone, e.g. ESS's margin,
-                       which a pyramid adds once rather than once per level)
-    dense(scores (B, K, H, W)) -> (B, K, H, W)                 what inference averages
-    decide(dense (B, K, H, W)) -> labels (B, H, W) int64
+and flips, and the decision from that map to class ids. Structures (single level, pyramid) call the
+`ClassScorer` methods (`models/heads/base.py`) and never look inside.
 """
 
 from __future__ import annotations
@@ -22,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleseg.models.heads.base import ClassScorer
 from scaleseg.profiling import LOSS, REGULARIZER, section
+from scaleseg.search import nearest_class
 
 # True while inference decides a single view (no averaging over windows, scales or flips): dense
 # maps then need not be averageable, and the linear scorer skips its softmax (engine/inference.py)
@@ -40,7 +35,7 @@ def deciding_one_view():
         _ONE_VIEW.reset(token)
 
 
-class LinearScorer(nn.Module):
+class LinearScorer(ClassScorer):
     """The baseline: a C-channel 1x1 conv (logits), softmax cross-entropy, argmax.
 
     Memory is O(C) per pixel: the scores, their upsampled copy and the softmax are C x H x W.
@@ -72,14 +67,12 @@ class LinearScorer(nn.Module):
             return scores
         return scores.softmax(dim=1, dtype=torch.float32)
 
-    def decide(self, dense: torch.Tensor) -> torch.Tensor:
-        return dense.argmax(dim=1)  # (B, H, W): of probabilities or, for one view, of logits
-
-    def param_groups(self) -> list[dict]:
-        return [{"name": "head", "params": list(self.parameters())}]
+    def decide(self, dense: torch.Tensor, chunk_classes: int | None = None) -> torch.Tensor:
+        # (B, H, W): of probabilities or, for one view, of logits; ties: the first maximum, the lower class id
+        return dense.argmax(dim=1)
 
 
-class EmbeddingScorer(nn.Module):
+class EmbeddingScorer(ClassScorer):
     """ESS: a d-channel pixel embedding against a learned C x d class-embedding table.
 
     Both are L2-normalised (unless `normalize=False`, the paper's ablation). Training loss: the
@@ -94,6 +87,7 @@ class EmbeddingScorer(nn.Module):
     `class_index` (a `scaleseg.search.ClassIndex`, or None) and `margin_cache` (a
     `scaleseg.losses.MarginCache`, or None without regulariser), each with its own step counter
     advanced by the training-mode regularising loss call (once per step of a single or pyramid head).
+    The table's optimizer settings are `optim.groups.class_embeddings` (its group name).
     """
 
     def __init__(
@@ -112,9 +106,6 @@ class EmbeddingScorer(nn.Module):
         ignore_index: int = 255,
         search_budget_bytes: int = 256 * 2**20,
         search_backend: str = "torch",
-        embedding_momentum: float = 0.95,
-        embedding_poly_power: float = 0.95,
-        embedding_lr_mult: float = 1.0,
         search_block: int = 1,
         search_index: str = "auto",
         index_min_classes: int = 50_000,
@@ -135,7 +126,6 @@ class EmbeddingScorer(nn.Module):
         self.negatives, self.distance, self.loss_kind, self.normalize = negatives, distance, loss, normalize
         self.search = {"budget_bytes": search_budget_bytes, "backend": search_backend}
         self.search_block, self.full_implementation = search_block, full_implementation
-        self.embedding_group = {"momentum": embedding_momentum, "poly_power": embedding_poly_power, "lr_mult": embedding_lr_mult}
         self.embed = nn.Conv2d(in_channels, embed_dim, kernel_size=1)  # pixel embeddings, with bias as published
         self.class_embeddings = nn.Parameter(torch.empty(num_classes, embed_dim).uniform_(-1.0, 1.0))  # (C, d)
         # State derived from the class table, kept in checkpoints (see their classes): the approximate
@@ -155,6 +145,9 @@ class EmbeddingScorer(nn.Module):
 
     def classes(self) -> torch.Tensor:
         return self._unit(self.class_embeddings, dim=1)  # (C, d)
+
+    def class_table(self, raw: bool = False) -> torch.Tensor:
+        return self.class_embeddings if raw else self.classes()
 
     def loss(self, scores: torch.Tensor, target: torch.Tensor, regularize: bool = True) -> dict[str, torch.Tensor]:
         from scaleseg.losses import block_candidates, full_cross_entropy, knn_cross_entropy
@@ -212,15 +205,13 @@ class EmbeddingScorer(nn.Module):
     def dense(self, scores: torch.Tensor) -> torch.Tensor:
         return self._unit(scores, dim=1)  # (B, d, H, W) unit pixel embeddings, averaged by inference
 
-    def decide(self, dense: torch.Tensor) -> torch.Tensor:
-        from scaleseg.search import nearest_classes
-
+    def decide(self, dense: torch.Tensor, chunk_classes: int | None = None) -> torch.Tensor:
+        """The nearest class embedding of each pixel (ties: the lower class id), in bounded memory; the
+        same function is traced into the ONNX export (with a fixed `chunk_classes`)."""
         B, d, H, W = dense.shape
         x = self._unit(dense, dim=1).permute(0, 2, 3, 1).reshape(-1, d)  # averages are re-normalised
-        return nearest_classes(x, self.classes(), 1, **self.search)[:, 0].view(B, H, W)
+        labels = nearest_class(x, self.classes(), budget_bytes=self.search["budget_bytes"], chunk_classes=chunk_classes)
+        return labels.reshape(B, H, W)
 
-    def param_groups(self) -> list[dict]:
-        return [
-            {"name": "head", "params": list(self.embed.parameters())},
-            {"name": "class_embeddings", "params": [self.class_embeddings], **self.embedding_group},
-        ]
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"head": list(self.embed.parameters()), "class_embeddings": [self.class_embeddings]}

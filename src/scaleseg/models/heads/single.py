@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleseg.models.heads.base import ClassScorer, SegmentationHead
+
 
 def resize_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear (align_corners=False) resize of a (B, K, h, w) map; a no-op at the same size."""
@@ -24,17 +26,21 @@ def nearest_downsample(target: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return target[:, rows][:, :, cols]
 
 
-class SingleLevelHead(nn.Module):
+class SingleLevelHead(SegmentationHead):
     """features (B, D, H/4, W/4) -> {"scores": (B, K, H/4, W/4)} via a scorer.
 
     loss_resolution "full": scores are bilinearly upsampled to the label size (the paper);
     "decoder": labels are nearest-downsampled to the score grid instead (16x fewer pixels).
     """
 
-    def __init__(self, scorer: nn.Module, loss_resolution: str = "full") -> None:
+    def __init__(self, scorer: ClassScorer, loss_resolution: str = "full") -> None:
         super().__init__()
         self.scorer = scorer
         self.loss_resolution = loss_resolution
+
+    @property
+    def scorers(self) -> list[ClassScorer]:
+        return [self.scorer]
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"scores": self.scorer(features)}
@@ -47,11 +53,5 @@ class SingleLevelHead(nn.Module):
             target = nearest_downsample(target, scores.shape[-2:])
         return self.scorer.loss(scores, target)
 
-    def dense(self, outputs: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        return self.scorer.dense(resize_scores(outputs["scores"], size))  # (B, K, H, W)
-
-    def decide(self, dense: torch.Tensor) -> torch.Tensor:
-        return self.scorer.decide(dense)
-
-    def param_groups(self) -> list[dict]:
-        return self.scorer.param_groups()
+    def dense_with_counts(self, outputs: dict[str, torch.Tensor], size: tuple[int, int]):
+        return self.scorer.dense(resize_scores(outputs["scores"], size)), {}  # (B, K, H, W), no counts
