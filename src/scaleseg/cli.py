@@ -36,12 +36,12 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 def cmd_train(args: argparse.Namespace) -> int:
     from scaleseg.config import load_config
-    from scaleseg.engine.trainer import Trainer
+    from scaleseg.engine.trainer import Trainer, default_work_dir
 
     config, overrides = _split_config_and_overrides(args.args)
     cfg = load_config(config, overrides)
     resume = True if args.resume == "" else (args.resume or False)
-    Trainer(cfg, work_dir=args.work_dir, resume=resume).run()
+    Trainer(cfg, work_dir=args.work_dir or default_work_dir(cfg, config), resume=resume).run()
     return 0
 
 
@@ -49,12 +49,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from scaleseg.data import build_dataset, build_eval_loader
     from scaleseg.engine.checkpoint import resolve_run
     from scaleseg.engine.evaluator import evaluate, format_table, write_results
-    from scaleseg.engine.runtime import amp_dtype, log_to, select_device
+    from scaleseg.engine.runtime import amp_dtype, log_to, select_device, show_progress
     from scaleseg.engine.trainer import dataset_meta
+    from scaleseg.engine.workdir import check_writable
 
     run = resolve_run(args.target, args.overrides, args.checkpoint)
     cfg, ckpt = run.cfg, run.checkpoint
     out_dir = Path(args.out) if args.out else run.eval_dir
+    check_writable(out_dir, "the output folder")  # before a long evaluation, not after it
     with log_to(None) as log:
         device = select_device(cfg.train.device)
         dataset = build_dataset(cfg.data, "val")
@@ -65,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         loader = build_eval_loader(cfg.data, dataset, meta["ignore_index"])
         results = evaluate(
             model, loader, meta["num_classes"], meta["ignore_index"], cfg.eval, device,
-            amp_dtype(cfg.train, device), progress=not args.no_progress,
+            amp_dtype(cfg.train, device), progress=show_progress(not args.no_progress),
         )
         json_path, csv_path = write_results(
             results, meta["class_names"], out_dir,
@@ -93,7 +95,9 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         raise ScalesegError(f"--splits {args.splits!r} names no split; e.g. --splits train,val")
     if args.workers is not None and args.workers < 0:
         raise ScalesegError(f"--workers {args.workers}: must be >= 0")
-    reports = check_config(cfg.data, splits, progress=not args.no_progress, num_workers=args.workers)
+    from scaleseg.engine.runtime import show_progress
+
+    reports = check_config(cfg.data, splits, progress=show_progress(not args.no_progress), num_workers=args.workers)
     print(format_report(reports))
     for r in reports:
         if r.num_classes and r.num_classes != cfg.data.num_classes:
@@ -234,13 +238,28 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """`scaleseg --version`: this package's version and the PyTorch it runs on (without importing torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import scaleseg
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:  # pragma: no cover - torch is a requirement
+        torch_version = "not installed"
+    return f"scaleseg {scaleseg.__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (no arguments: the built-in synthetic default run)")
     p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help="a YAML config, then dotted overrides")
-    p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
+    p.add_argument("--work-dir", help="output folder (default: work_dirs/default without a config file, "
+                                      "work_dirs/<folder>_<stem> for CONFIG <folder>/<stem>.yaml)")
     p.add_argument(
         "--resume", nargs="?", const="", default=None, metavar="CKPT",
         help="continue from CKPT, or without a value from the work dir's last checkpoint",
@@ -399,6 +418,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+    """What Ctrl-C leaves behind, per command (training says which checkpoint to --resume from)."""
+    from scaleseg.engine.trainer import TrainingInterrupted
+
+    if isinstance(exc, TrainingInterrupted):
+        return str(exc)
+    if args.command == "train":
+        return "interrupted; continue the run with --resume"
+    if args.command == "predict":
+        return f"interrupted; the label maps already written in {args.out} are complete, run the command again for the rest"
+    if args.command == "prepare":
+        return (f"interrupted; finished files are kept: run the same `scaleseg prepare {args.dataset}` command "
+                "again to continue where it stopped")
+    return "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -406,14 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     except ScalesegError as exc:
         print(f"scaleseg {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        if args.command == "prepare":
-            print(f"interrupted; finished files are kept: run the same `scaleseg prepare {args.dataset}` command "
-                  "again to continue where it stopped", file=sys.stderr)
-        elif args.command == "train":
-            print("interrupted; continue the run with --resume", file=sys.stderr)
-        else:
-            print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"scaleseg {args.command}: {_interrupted(args, exc)}", file=sys.stderr)
         return 130
 
 

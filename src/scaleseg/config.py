@@ -26,6 +26,8 @@ import yaml
 from scaleseg.errors import ConfigError
 
 Size = tuple[int, int]  # (height, width); a single int in YAML means a square
+MAX_INT = 2**63 - 1  # the largest integer a config value may hold (int64)
+MAX_SEED = 2**32 - 1  # seeds: numpy takes 32 bits
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,6 +50,7 @@ class SyntheticConfig:
     boundary_ignore: int = 1
 
     def validate(self, key: str) -> None:
+        _seed(self.seed, f"{key}.seed")
         _positive(self.train_length, f"{key}.train_length")
         _positive(self.val_length, f"{key}.val_length")
         _positive_size(self.image_size, f"{key}.image_size")
@@ -241,7 +244,7 @@ class HeadConfig:
 
     structure: Literal["single", "pyramid"] = "single"
     scorer: Literal["linear", "embedding"] = "linear"
-    # full: scores bilinearly upsampled to the crop (the paper); decoder: labels nearest-downsampled to the
+    # full: scores bilinearly upsampled to the crop (the paper); decoder: labels downsampled (each cell's majority) to the
     # stride-4 score grid (16x fewer pixels). The default run uses decoder: the linear scorer's 1000 x H x W
     # upsampled logits cost ~2.4 s of a 2.6 s CPU step at full resolution.
     loss_resolution: Literal["full", "decoder"] = "decoder"
@@ -393,7 +396,7 @@ class TrainConfig:
     checkpoint_interval: int = 600
     keep_checkpoints: int = 2  # iter_*.pth kept besides best.pth; 0 keeps all
     tensorboard: bool = False
-    progress: bool = True  # tqdm progress bar with ETA on stderr
+    progress: bool = True  # tqdm progress bar with ETA on stderr, when stderr is a terminal
     # under torchrun (several processes): BatchNorm statistics over the whole batch of all processes
     # (SyncBatchNorm); false keeps each process's own. A single process always uses plain BatchNorm.
     sync_bn: bool = True
@@ -403,6 +406,7 @@ class TrainConfig:
 
     def validate(self, key: str) -> None:
         _positive(self.iters, f"{key}.iters")
+        _seed(self.seed, f"{key}.seed")
         _positive(self.max_nonfinite_steps, f"{key}.max_nonfinite_steps")
         _positive(self.grad_accum, f"{key}.grad_accum")
         _positive(self.log_interval, f"{key}.log_interval")
@@ -440,7 +444,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    work_dir: str | None = None  # default: work_dirs/<config file stem>, or work_dirs/default
+    work_dir: str | None = None  # default: work_dirs/default, or work_dirs/<folder>_<stem> of the config file
     name: str = "default"  # run name, set from the config file's stem when loaded from a file
 
     def validate(self) -> "Config":
@@ -479,7 +483,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         name = path.stem
     raw = apply_overrides(raw, overrides or [])
     raw.setdefault("name", name)
+    _classes_from_folder(raw)
     return config_from_dict(raw)
+
+
+def _classes_from_folder(raw: dict[str, Any]) -> None:
+    """The folder dataset names its classes in classes.txt: data.num_classes defaults to their count."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or data.get("dataset") != "folder" or "num_classes" in data or not data.get("root"):
+        return
+    classes = Path(str(data["root"])).expanduser() / "classes.txt"
+    if classes.is_file():
+        from scaleseg.data.datasets.folder import read_class_names
+
+        data["num_classes"] = len(read_class_names(classes))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -512,8 +529,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def config_yaml(cfg: Config) -> str:
+    """The config as the YAML text of a file `load_config` reads back."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
 
 
 def _read_yaml_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
@@ -646,16 +668,26 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} = {value!r}: expected an integer")
+        if not -MAX_INT <= value <= MAX_INT:  # every integer ends up in a C long somewhere (torch, numpy)
+            raise ConfigError(f"{key} = {value}: too large (at most {MAX_INT:,} in magnitude)")
         return value
     if tp is float:
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string, and "nan" too
             try:
                 value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} = {value!r}: expected a number")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            value = math.inf
+        # checked here, where every float of a file or an override passes, so that no float key is missed:
+        # NaN passes every `<` and `<=` of the range checks below, and inf passes "> 0"
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {value}: must be a finite number (not NaN or infinity)")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r}: expected a string")
@@ -692,6 +724,11 @@ def _positive(value: int, key: str) -> None:
 def _finite(value: float, key: str) -> None:
     if not math.isfinite(value):
         raise ConfigError(f"{key} = {value}: must be a finite number")
+
+
+def _seed(value: int, key: str) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{key} = {value}: must be between 0 and {MAX_SEED} (a 32-bit seed)")
 
 
 def _positive_size(value: Size, key: str) -> None:

@@ -104,6 +104,10 @@ def check_dataset(
         class_pixels=np.zeros(num_classes, dtype=np.int64),
         class_images=np.zeros(num_classes, dtype=np.int64),
     )
+    # samples a dataset could not even pair (the folder dataset: two files of one name)
+    report.problems += [Problem(split, sample, files, message)
+                        for sample, files, message in getattr(dataset, "listing_problems", ())]
+    report.num_samples += len({p.sample for p in report.problems})
     loader = DataLoader(
         _Checked(dataset), batch_size=None, num_workers=num_workers, collate_fn=_identity, generator=torch.Generator()
     )

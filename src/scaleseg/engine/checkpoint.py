@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,28 +31,93 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename over `path`."""
+class _RecordingWriter:
+    """A file wrapper that keeps the OSError of a failed write: torch.save reports a full disk as a bare
+    RuntimeError ("unexpected pos ..."), so the cause is taken from here."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+
+class _CountingSink:
+    """Counts the bytes written to it: the size of a checkpoint that could not be written."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def serialized_size(obj) -> int:
+    sink = _CountingSink()
+    torch.save(obj, sink)
+    return sink.size
+
+
+def atomic_write_bytes(path: Path, write, size=None) -> None:
+    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename over `path`. A failure
+    (disk full, read-only folder, I/O error) leaves `path` as it was, removes the temporary file and raises
+    `WriteFailed` with the size it tried to write (`size`: bytes, or a function giving them)."""
+    from scaleseg.engine.workdir import WriteFailed
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = None
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            writer = _RecordingWriter(f)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        error = writer.error if writer is not None and writer.error is not None else exc
+        if not isinstance(error, OSError):
+            raise
+        try:
+            attempted = size() if callable(size) else size
+        except Exception:  # noqa: BLE001 - the size is only for the message
+            attempted = None
+        raise WriteFailed(path, attempted, error) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            if tmp.exists():
+                tmp.unlink()
+        except OSError:
+            pass
     _fsync_dir(path.parent)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    data = text.encode()
+    atomic_write_bytes(path, lambda f: f.write(data), size=len(data))
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    atomic_write_bytes(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    payload = {"format": FORMAT, **state}
+    atomic_write_bytes(path, lambda f: torch.save(payload, f), size=lambda: serialized_size(payload))
 
 
 def write_last_pointer(work_dir: Path, checkpoint: Path) -> None:
-    atomic_write_bytes(Path(work_dir) / LAST_POINTER, lambda f: f.write(Path(checkpoint).name.encode() + b"\n"))
+    write_text_atomic(Path(work_dir) / LAST_POINTER, Path(checkpoint).name + "\n")
 
 
 def find_last_checkpoint(work_dir: Path) -> Path | None:
@@ -74,9 +140,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be read safely ({first}); it is corrupt, truncated, "
+            f"checkpoint {str(path)!r} cannot be read safely ({_load_failure(exc)}); it is corrupt, truncated, "
             "or not a tensors-only file; use another checkpoint"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -85,6 +150,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "weights use model.pretrained=<file> instead"
         )
     return state
+
+
+def _load_failure(exc: BaseException) -> str:
+    """What was wrong, in a few words. torch's weights-only refusal suggests loading with weights_only=False,
+    which would run the file's code: that advice is never passed on, only what the file holds."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"WeightsUnpickler error: ([^\n.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return f"it holds a pickled object other than tensors and plain types{what}, which is never loaded"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def architecture_differences(saved_cfg: dict, cfg: dict) -> list[str]:

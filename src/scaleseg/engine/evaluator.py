@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -101,21 +102,29 @@ def format_table(results: dict, class_names: list[str], show: int = 10) -> str:
 
 
 def write_results(results: dict, class_names: list[str], out_dir: Path, extra: dict | None = None) -> tuple[Path, Path]:
-    """metrics.json (summary in percent + `extra`) and per_class.csv (every class) in `out_dir`."""
+    """metrics.json (summary in percent + `extra`) and per_class.csv (every class; IoU, Acc, Dice, ... in
+    percent, as the console and metrics.json) in `out_dir`, each written atomically."""
+    from scaleseg.engine.checkpoint import write_text_atomic
+    from scaleseg.engine.workdir import WriteFailed
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteFailed(out_dir, 0, exc) from None
     json_path = out_dir / "metrics.json"
     skipped = {"skipped_samples": int(results.get("skipped_samples", 0))}  # bad images not scored (on_bad_sample=skip)
-    json_path.write_text(json.dumps({**summary(results), **skipped, **(extra or {})}, indent=2) + "\n")
+    write_text_atomic(json_path, json.dumps({**summary(results), **skipped, **(extra or {})}, indent=2) + "\n")
     csv_path = out_dir / "per_class.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class_id", "name", *PER_CLASS_KEYS, "intersection", "pred_area", "label_area"])
-        for i, name in enumerate(class_names):
-            writer.writerow(
-                [i, name, *(_csv_float(results[k][i]) for k in PER_CLASS_KEYS)]
-                + [int(results[k][i]) for k in ("intersection", "pred_area", "label_area")]
-            )
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["class_id", "name", *PER_CLASS_KEYS, "intersection", "pred_area", "label_area"])
+    for i, name in enumerate(class_names):
+        writer.writerow(
+            [i, name, *(_csv_percent(results[k][i]) for k in PER_CLASS_KEYS)]
+            + [int(results[k][i]) for k in ("intersection", "pred_area", "label_area")]
+        )
+    write_text_atomic(csv_path, text.getvalue())
     return json_path, csv_path
 
 
@@ -123,5 +132,6 @@ def _pct(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
-def _csv_float(value: float) -> str:
-    return "" if math.isnan(value) else f"{value:.6f}"
+def _csv_percent(value: float) -> str:
+    """A fraction as a percentage with 4 decimals ("" for a class with no union / no label)."""
+    return "" if math.isnan(value) else f"{100 * value:.4f}"

@@ -13,16 +13,18 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from scaleseg.engine import distributed
-from scaleseg.engine.checkpoint import find_last_checkpoint
-from scaleseg.engine.evaluator import evaluate, format_table, summary, write_results
-from scaleseg.engine.runtime import peak_memory_mb
-from scaleseg.errors import ScalesegError
+from scaleseg.engine.checkpoint import find_last_checkpoint, write_text_atomic
+from scaleseg.engine.evaluator import format_table, summary, write_results
+from scaleseg.engine.runtime import peak_memory_mb, show_progress
+from scaleseg.engine.workdir import WriteFailed
+from scaleseg.errors import CheckpointError, ScalesegError
 from scaleseg.viz.curves import plot_training_curves
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,7 +80,10 @@ class NonFiniteGuard(Hook):
             f"the run stops at {self.limit})"
         )
         if self.in_a_row >= self.limit:
-            last = find_last_checkpoint(t.work_dir) if t.is_main else None
+            try:
+                last = find_last_checkpoint(t.work_dir) if t.is_main else None
+            except CheckpointError:
+                last = None
             raise NonFiniteLossError(
                 f"{self.in_a_row} training steps in a row had a NaN/inf loss or gradient (the last at iteration "
                 f"{step.iteration}); stopped without writing a checkpoint. The last good checkpoint is "
@@ -90,7 +95,8 @@ class NonFiniteGuard(Hook):
 
 
 class ProgressBar(Hook):
-    """A tqdm bar with ETA (rank 0, train.progress), the last loss beside it."""
+    """A tqdm bar with ETA (rank 0, train.progress, and only on a terminal: piped or redirected output gets
+    the log lines alone), the last loss beside it."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -204,10 +210,7 @@ class Evaluation(Hook):
         last = step.iteration == t.cfg.train.iters
         if not (last or (self.interval and step.iteration % self.interval == 0)):
             return
-        results = evaluate(
-            t.model, t.val_loader, t.meta["num_classes"], t.meta["ignore_index"], t.cfg.eval, t.device, t.amp,
-            t.cfg.train.progress and t.is_main,
-        )
+        results = t.evaluate()
         s = summary(results)
         t.log.info(f"eval iter {step.iteration}: " + "  ".join(f"{k} {v if v is None else f'{v:.2f}'}" for k, v in s.items()))
         skipped = results.get("skipped_samples", 0)
@@ -229,20 +232,17 @@ class Evaluation(Hook):
 
 class Checkpointer(Hook):
     """Every train.checkpoint_interval iterations and at the last: iter_NNNNNN.pth (everything a resume
-    needs), written atomically, then `last_checkpoint`, then the oldest beyond train.keep_checkpoints
-    deleted: a kill at any moment leaves last_checkpoint naming a complete file."""
+    needs), written atomically, then `last_checkpoint`, then this run's oldest beyond train.keep_checkpoints
+    deleted (`Trainer.save_checkpoint`): a kill at any moment leaves last_checkpoint naming a complete file."""
 
-    def __init__(self, interval: int, keep: int) -> None:
-        self.interval, self.keep = interval, keep
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
 
     def after_step(self, step: StepResult) -> None:
         t = self.trainer
         if step.iteration % self.interval and step.iteration != t.cfg.train.iters:
             return
-        path = t.save_checkpoint()
-        if path is not None and self.keep:
-            for old in sorted(t.work_dir.glob("iter_*.pth"))[: -self.keep]:
-                old.unlink()
+        t.save_checkpoint()
 
 
 class FinalReport(Hook):
@@ -254,11 +254,23 @@ class FinalReport(Hook):
         if not t.is_main:
             return
         iters = t.cfg.train.iters
-        out_dir = t.work_dir / "eval" / f"iter_{iters:06d}"
+        out_dir = final_report_dir(t.work_dir, iters)
         write_results(t.final_results, t.meta["class_names"], out_dir, extra={"iteration": iters})
-        curves = plot_training_curves(t.work_dir / "scalars.jsonl", t.work_dir / "curves.png")
+        try:
+            curves = plot_training_curves(t.work_dir / "scalars.jsonl", t.work_dir / "curves.png")
+        except OSError as exc:
+            raise WriteFailed(t.work_dir / "curves.png", None, exc) from None
         t.log.info("final evaluation on the val split:\n" + format_table(t.final_results, t.meta["class_names"]))
         t.log.info(f"metrics written to {out_dir}; training curves in {curves}")
+
+
+def final_report_dir(work_dir: Path, iters: int) -> Path:
+    return Path(work_dir) / "eval" / f"iter_{iters:06d}"
+
+
+def final_report_done(work_dir: Path, iters: int) -> bool:
+    """Whether the final report of a run of `iters` iterations was written (its last step: curves.png)."""
+    return (final_report_dir(work_dir, iters) / "metrics.json").is_file() and (Path(work_dir) / "curves.png").is_file()
 
 
 class Records:
@@ -270,18 +282,26 @@ class Records:
         self.file = self.writer = None
         if not enabled:
             return
-        path = work_dir / "scalars.jsonl"
+        self.path = path = work_dir / "scalars.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= start]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")
+            kept = [line for line in path.read_text().splitlines() if line and _record_iter(line) <= start]
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+        try:
+            self.file = open(path, "a")
+        except OSError as exc:
+            raise WriteFailed(path, 0, exc) from None
         if tensorboard:
-            self.writer = _summary_writer(work_dir / "tensorboard")
+            # TensorBoard drops the steps a killed run wrote after the checkpoint resumed from (purge_step)
+            self.writer = _summary_writer(work_dir / "tensorboard", purge_step=start + 1 if start else None)
 
     def write(self, record: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            line = json.dumps(record) + "\n"
+            try:
+                self.file.write(line)
+                self.file.flush()
+            except OSError as exc:
+                raise WriteFailed(self.path, len(line.encode()), exc) from None
 
     def scalars(self, split: str, values: dict[str, float], iteration: int) -> None:
         if self.writer is not None:
@@ -291,10 +311,21 @@ class Records:
     def close(self) -> None:
         for handle in (self.file, self.writer):
             if handle is not None:
-                handle.close()
+                try:
+                    handle.close()
+                except OSError:  # the failed write was reported already
+                    pass
 
 
-def _summary_writer(path):
+def _record_iter(line: str) -> float:
+    """The iteration of a scalars.jsonl line; a line cut short by a kill counts as past every checkpoint."""
+    try:
+        return json.loads(line)["iter"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def _summary_writer(path, purge_step=None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -303,7 +334,7 @@ def _summary_writer(path):
         raise ConfigError(
             "train.tensorboard = true needs the tensorboard package: pip install 'scaleseg[tensorboard]'"
         ) from None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=purge_step)
 
 
 def default_hooks(cfg, is_main: bool) -> list[Hook]:
@@ -311,10 +342,10 @@ def default_hooks(cfg, is_main: bool) -> list[Hook]:
     t = cfg.train
     return [
         NonFiniteGuard(t.max_nonfinite_steps),
-        ProgressBar(t.progress and is_main),
+        ProgressBar(show_progress(t.progress and is_main)),
         LogWriter(t.log_interval),
         Evaluation(t.eval_interval),
-        Checkpointer(t.checkpoint_interval, t.keep_checkpoints),
+        Checkpointer(t.checkpoint_interval),
         FinalReport(),
     ]
 

@@ -39,8 +39,41 @@ class _ImageReader:
             return index, None, str(exc) if isinstance(exc, ScalesegError) else f"{type(exc).__name__}: {exc}"
 
 
+def output_names(files: list[Path], inputs: Path, out: Path, suffix: str) -> dict[Path, Path]:
+    """Input image -> its label map path under `out` (the overlay is `<label map without suffix>_overlay.png`).
+
+    OUT/<relative path without the suffix><suffix>, e.g. a/photo.jpg -> OUT/a/photo.png; an input whose
+    outputs would be written over an input file (`--out` = the input folder) or over another input's
+    outputs (photo.jpg and photo.png; x.png and x_overlay.png) keeps its extension in the name instead:
+    a/photo.jpg.png. Anything still colliding is refused before a file is written."""
+    def outputs(path: Path, keep_extension: bool) -> tuple[Path, Path]:
+        rel = path.relative_to(inputs) if inputs.is_dir() else Path(path.name)
+        base = out / rel.parent / (rel.name if keep_extension else rel.stem)
+        return base.with_name(base.name + suffix), base.with_name(base.name + "_overlay.png")
+
+    inputs_resolved = {p.resolve() for p in files}
+    keep: set[Path] = set()
+    for _ in range(3):  # at most two rounds of renaming are ever needed
+        planned = {p: outputs(p, p in keep) for p in files}
+        users: dict[Path, list[Path]] = {}
+        for path, pair in planned.items():
+            for target in pair:
+                users.setdefault(target.resolve(), []).append(path)
+        clashes = {p for target, using in users.items() for p in using if len(using) > 1 or target in inputs_resolved}
+        if not clashes:
+            return {p: pair[0] for p, pair in planned.items()}
+        if clashes <= keep:
+            break
+        keep |= clashes
+    shown = ", ".join(str(p) for p in sorted(clashes)[:4])
+    raise ScalesegError(
+        f"the outputs of {shown} would overwrite an input or each other even with the extension kept in their "
+        "names; rename those files or choose another --out folder"
+    )
+
+
 def _write_prediction(target: Path, image, label, num_classes: int, palette) -> str | None:
-    """Label map (lossless, see `save_label_map`) and colour overlay beside it; -> None, or why not."""
+    """Label map at `target` (lossless, see `save_label_map`) and colour overlay beside it; -> None, or why not."""
     from PIL import Image
 
     from scaleseg.data.io import overlay, save_label_map
@@ -48,7 +81,7 @@ def _write_prediction(target: Path, image, label, num_classes: int, palette) -> 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         save_label_map(target, label, num_classes)
-        Image.fromarray(overlay(image, label, palette)).save(target.with_name(target.name + "_overlay.png"))
+        Image.fromarray(overlay(image, label, palette)).save(target.with_name(target.name[: -len(target.suffix)] + "_overlay.png"))
     except (OSError, ValueError) as exc:
         return f"cannot write {target}: {exc}"
     return None
@@ -77,11 +110,13 @@ def predict_files(
 ) -> PredictReport:
     """Predict every image of `inputs` (a file or a folder, searched recursively) with the checkpoint's
     model and `eval` settings (overrides e.g. eval.mode=slide); write OUT/<relative path>.png (the label
-    map) and <...>_overlay.png, and OUT/failures.txt when anything failed."""
+    map; see `output_names`: never over an input, never two outputs on one name) and <...>_overlay.png, and
+    OUT/failures.txt when anything failed."""
     from scaleseg.data.io import list_images, write_text_atomic
     from scaleseg.data.transforms import to_tensor
     from scaleseg.engine.checkpoint import load_checkpoint_model
     from scaleseg.engine.runtime import select_device
+    from scaleseg.engine.workdir import check_writable
 
     if batch_size < 1:
         raise ScalesegError(f"--batch-size {batch_size}: must be >= 1")
@@ -94,14 +129,14 @@ def predict_files(
     inputs = Path(inputs)
     files = list_images(inputs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "the output folder")
+    targets = output_names(files, inputs, out, ".png" if num_classes <= 65536 else ".tif")
     report = PredictReport(files, out)
     failures = report.failures
     writes: list = []  # (path, future of _write_prediction)
 
     def target_of(path: Path) -> Path:
-        rel = path.relative_to(inputs) if inputs.is_dir() else Path(path.name)
-        return out / rel.parent / rel.stem
+        return targets[path]
 
     def collect(keep: int) -> None:
         """Record finished writes; wait for the oldest until at most `keep` are outstanding."""
@@ -127,8 +162,10 @@ def predict_files(
             return []
 
     reader = DataLoader(_ImageReader(files), batch_size=None, shuffle=False, num_workers=workers if len(files) > 1 else 0)
+    from scaleseg.engine.runtime import show_progress
+
     with ThreadPoolExecutor(max_workers=1) as writer, tqdm(
-        total=len(files), desc="predict", unit="img", disable=not progress or len(files) == 1
+        total=len(files), desc="predict", unit="img", disable=not show_progress(progress) or len(files) == 1
     ) as bar:
 
         def flush(batch: list) -> None:

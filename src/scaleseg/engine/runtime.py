@@ -65,6 +65,35 @@ def peak_memory_mb(device: torch.device) -> tuple[str, float]:
     return "rss", kb / 1024
 
 
+def show_progress(enabled: bool, stream=None) -> bool:
+    """Whether to draw a progress bar: asked for, and its stream (stderr) is a terminal. Piped or redirected
+    output would fill with carriage-return redraws; it gets the periodic log lines alone."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(enabled) and stream.isatty()
+    except (AttributeError, ValueError):  # a closed or unusual stream
+        return False
+
+
+class _LogFile(logging.FileHandler):
+    """train.log: a failed write (disk full) ends the run with a message naming the file (logging's default
+    prints a traceback and goes on)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            from scaleseg.engine.workdir import WriteFailed
+
+            raise WriteFailed(Path(self.baseFilename), len(self.format(record).encode()) + 1, exc) from None
+        super().handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # flushing what could not be written: reported already
+            pass
+
+
 class _TqdmHandler(logging.Handler):
     """Console log lines that do not break a running progress bar."""
 
@@ -84,7 +113,12 @@ def log_to(path: Path | None, console: bool = True):
         h.setFormatter(logging.Formatter("%(message)s"))
         handlers.append(h)
     if path is not None:
-        h = logging.FileHandler(path, mode="a")
+        try:
+            h = _LogFile(path, mode="a")
+        except OSError as exc:
+            from scaleseg.engine.workdir import WriteFailed
+
+            raise WriteFailed(Path(path), 0, exc) from None
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         handlers.append(h)
     if not handlers:  # other processes of a torchrun run: silent (no fallback to stderr for warnings)

@@ -13,8 +13,17 @@ A step whose loss or gradient is NaN/inf is skipped and logged; train.max_nonfin
 a row stop the run before it writes anything, so the last checkpoint stays the last good one.
 Checkpoints are written atomically; a run killed at any moment resumes from the newest complete one.
 
+A work dir holds one run. Before the first iteration the work dir is checked writable and locked
+(`train.lock`, naming the pid of the training; a killed run's lock is taken over); a new run (no
+--resume) in a work dir that holds another run's checkpoints is refused, and --resume only continues
+the run of the work dir (its `run_id`), with the same model and classes. Pruning deletes only this
+run's own checkpoints. A write that fails (disk full, ...) ends the run with one message naming the
+work dir, the size it tried to write and the last good checkpoint; Ctrl-C stops after the current
+iteration and writes a checkpoint there.
+
 Work directory layout:
-    config.yaml          the resolved config of the run
+    config.yaml          the resolved config of the run (data.root made absolute)
+    train.lock           while a training runs: its pid
     train.log            human log (iter, lr, loss terms, time/iter, ETA, peak memory)
     scalars.jsonl        one JSON object per log step and per evaluation
     tensorboard/         with train.tensorboard=true
@@ -29,7 +38,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import sys
+import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,27 +52,62 @@ import numpy as np
 import torch
 
 import scaleseg
-from scaleseg.config import Config, save_config
+from scaleseg.config import Config, config_yaml
 from scaleseg.data import build_dataset, build_eval_loader, build_train_loader, log_skipped
 from scaleseg.engine import distributed
 from scaleseg.engine.checkpoint import (
+    LAST_POINTER,
     find_last_checkpoint,
     load_checkpoint,
     load_model_state,
     save_checkpoint,
     write_last_pointer,
+    write_text_atomic,
 )
-from scaleseg.engine.evaluator import summary
-from scaleseg.engine.hooks import Hook, NonFiniteLossError, Records, StepResult, default_hooks
+from scaleseg.engine.evaluator import evaluate, summary
+from scaleseg.engine.hooks import Hook, NonFiniteLossError, Records, StepResult, default_hooks, final_report_done
 from scaleseg.engine.optim import build_optimizer, set_poly_lr
-from scaleseg.engine.runtime import amp_dtype, configure_determinism, log_to, seed_all
+from scaleseg.engine.runtime import amp_dtype, configure_determinism, log_to, seed_all, show_progress
+from scaleseg.engine.workdir import WorkDirError, WorkDirLock, WriteFailed, check_writable, describe_size
 from scaleseg.errors import CheckpointError, ConfigError
 
-__all__ = ["NonFiniteLossError", "TrainState", "Trainer", "dataset_meta", "default_work_dir"]
+__all__ = ["NonFiniteLossError", "TrainState", "Trainer", "TrainingInterrupted", "dataset_meta", "default_work_dir"]
 
 
-def default_work_dir(cfg: Config) -> Path:
-    return Path(cfg.work_dir) if cfg.work_dir else Path("work_dirs") / cfg.name
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the run; the message says which checkpoint to --resume from (exit status 130).
+    A KeyboardInterrupt, so code that catches those still does."""
+
+
+def default_work_dir(cfg: Config, config_file: str | Path | None = None) -> Path:
+    """cfg.work_dir, else work_dirs/default for the built-in run and work_dirs/<folder>_<stem> for a config
+    file <folder>/<stem>.yaml (configs/ess/ade20k_r50.yaml -> work_dirs/ess_ade20k_r50), so that config files
+    of one name in two folders (configs/ess/ and configs/baseline/) do not share a work dir; a file in the
+    current folder: work_dirs/<stem>. Without the file: work_dirs/<cfg.name>."""
+    if cfg.work_dir:
+        return Path(cfg.work_dir)
+    if config_file is None:
+        return Path("work_dirs") / cfg.name
+    path = Path(config_file).expanduser()
+    folder = path.resolve().parent.name if path.parent != Path(".") else ""
+    return Path("work_dirs") / (f"{folder}_{path.stem}" if folder else path.stem)
+
+
+def _iteration_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def own_checkpoints(work_dir: Path) -> list[Path]:
+    """iter_*.pth files of a work dir, newest iteration first."""
+    return sorted(Path(work_dir).glob("iter_*.pth"), key=_iteration_of, reverse=True)
+
+
+# keys that make a checkpoint another model or another task: a resume with any of them changed is refused
+# (others, e.g. optim.lr or train.iters, may change on resume and are logged)
+RUN_IDENTITY = ("data.dataset", "data.num_classes", "data.ignore_index")
 
 
 def dataset_meta(dataset, cfg: Config) -> dict:
@@ -84,14 +133,19 @@ class TrainState:
     iteration: int = 0  # optimizer steps done
     samples_seen: int = 0  # position in the training sample stream (all processes)
     best: dict = field(default_factory=lambda: {"mIoU": None, "iteration": None})  # best val mIoU so far
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # which run a checkpoint belongs to
+    checkpoints: list = field(default_factory=list)  # this run's iter_*.pth names, oldest first (for pruning)
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "samples_seen": self.samples_seen, "best": dict(self.best)}
+        return {"iteration": self.iteration, "samples_seen": self.samples_seen, "best": dict(self.best),
+                "run_id": self.run_id, "checkpoints": list(self.checkpoints)}
 
     def load_state_dict(self, state: dict, per_step: int) -> None:
         self.iteration = int(state["iteration"])
         self.samples_seen = int(state.get("samples_seen", self.iteration * per_step))
         self.best = dict(state["best"])
+        self.run_id = state.get("run_id") or self.run_id  # checkpoints of earlier versions have none
+        self.checkpoints = list(state.get("checkpoints", []))
 
 
 class Trainer:
@@ -108,6 +162,8 @@ class Trainer:
         self.hooks = hooks
         self.records: Records | None = None  # scalars.jsonl / TensorBoard, opened by _setup
         self.final_results: dict = {}
+        self.lock: WorkDirLock | None = None
+        self.state: TrainState | None = None
 
     # ---------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -118,43 +174,147 @@ class Trainer:
         owns_group = not distributed.is_enabled()
         self.ctx = distributed.env_context()
         self.is_main = self.ctx.is_main
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         try:
+            _, self.device = distributed.init_distributed(self.cfg.train.device)
+            self._prepare_work_dir()
             with log_to(self.work_dir / "train.log" if self.is_main else None, console=self.is_main) as log:
                 self.log = log
-                hooks = self.hooks if self.hooks is not None else default_hooks(self.cfg, self.is_main)
                 try:
-                    self._setup()
-                    for hook in hooks:
-                        hook.trainer = self
-                        hook.before_train()
-                    self.model.train()
-                    while self.state.iteration < self.cfg.train.iters:
-                        step = self.run_step()
-                        for hook in hooks:
-                            hook.after_step(step)
-                    for hook in hooks:
-                        hook.after_train()
-                finally:
-                    for hook in hooks:
-                        hook.close()
-                    if self.records is not None:
-                        self.records.close()
-                return summary(self.final_results)
+                    return self._train()
+                except WriteFailed as exc:
+                    raise self._write_failure(exc) from None
         finally:
+            if self.lock is not None:
+                self.lock.release()
             if owns_group:
                 distributed.shutdown()
 
+    def _train(self) -> dict:
+        hooks = self.hooks if self.hooks is not None else default_hooks(self.cfg, self.is_main)
+        # installed before the DataLoader workers are forked, so that they ignore Ctrl-C (the main process
+        # stops them); until the first iteration Ctrl-C interrupts at once, as usual
+        with _StopOnInterrupt(self.ctx) as stop:
+            try:
+                self._setup()
+                for hook in hooks:
+                    hook.trainer = self
+                    hook.before_train()
+                if self.state.iteration < self.cfg.train.iters:
+                    self.model.train()
+                    stop.deferred = True
+                    try:
+                        while self.state.iteration < self.cfg.train.iters:
+                            step = self.run_step()
+                            for hook in hooks:
+                                hook.after_step(step)
+                            if stop.requested() and self.state.iteration < self.cfg.train.iters:
+                                self._stop_at_interrupt()
+                    except KeyboardInterrupt as exc:
+                        if isinstance(exc, TrainingInterrupted):
+                            raise
+                        raise TrainingInterrupted(self._interrupted_message()) from None
+                    stop.deferred = False
+                else:  # resumed from the final checkpoint of a run killed before its final report
+                    self.final_results = self.evaluate()
+                for hook in hooks:
+                    hook.after_train()
+            finally:
+                for hook in hooks:
+                    hook.close()
+                if self.records is not None:
+                    self.records.close()
+        return summary(self.final_results)
+
+    def _prepare_work_dir(self) -> None:
+        """Before anything is written: the work dir must be writable, not in use by another training
+        (train.lock) and, for a new run, hold no other run. Rank 0 checks; every process gets the verdict."""
+        problem = None
+        if self.is_main:
+            try:
+                check_writable(self.work_dir)
+                self.lock = WorkDirLock(self.work_dir).acquire()
+                if not self.resume:
+                    self._refuse_another_run()
+            except WorkDirError as exc:
+                if self.lock is not None:
+                    self.lock.release()
+                    self.lock = None
+                problem = exc
+        verdict = distributed.all_gather_objects(str(problem) if problem else None)[0]
+        if problem is not None:
+            raise problem
+        if verdict is not None:
+            raise WorkDirError(verdict)
+
+    def _refuse_another_run(self) -> None:
+        """A new run must not mix its checkpoints with another run's (pruning, last_checkpoint, best.pth)."""
+        found = [p.name for p in own_checkpoints(self.work_dir)[:3]]
+        found += [n for n in ("best.pth", LAST_POINTER) if (self.work_dir / n).exists()]
+        if found:
+            raise WorkDirError(
+                f"the work dir {self.work_dir} holds another run ({', '.join(found)}); nothing was changed. "
+                "Continue that run with --resume, train in another work dir with --work-dir, or delete the folder "
+                "to start over"
+            )
+
+    def _write_failure(self, exc: WriteFailed) -> WorkDirError:
+        """One message for a write that failed mid-run: the work dir, what and how much it tried to write,
+        and the last good checkpoint to --resume from."""
+        last = None
+        if self.is_main:
+            with contextlib.suppress(CheckpointError, OSError):
+                last = find_last_checkpoint(self.work_dir)
+        cause = "the disk is full" if exc.disk_full else "a write failed"
+        where = f"{exc.path.name} ({describe_size(exc.size)})"
+        if last is not None:
+            tail = (f"The last good checkpoint is {last} (intact): free space (or move the work dir), then run the "
+                    "same command with --resume to continue from it")
+        else:
+            tail = "No checkpoint was written yet: free space (or use another --work-dir) and start the run again"
+        return WorkDirError(
+            f"training stopped at iteration {self.state.iteration if self.state else 0}: {cause} in the work dir "
+            f"{self.work_dir}; could not write {where}: {exc.error.strerror or exc.error}. {tail}"
+        )
+
+    def _stop_at_interrupt(self) -> None:
+        """Ctrl-C arrived during the iteration just done: write a checkpoint at it and stop."""
+        iteration = self.state.iteration
+        last = None
+        if self.is_main:
+            with contextlib.suppress(CheckpointError):
+                last = find_last_checkpoint(self.work_dir)
+        # every process must agree (saving gathers the RNG states of all)
+        written = distributed.all_gather_objects(last is not None and _iteration_of(last) == iteration)[0]
+        path = last if written else self.save_checkpoint()
+        raise TrainingInterrupted(
+            f"interrupted (Ctrl-C): stopped after iteration {iteration} of {self.cfg.train.iters} and saved "
+            f"{path}; run the same command with --resume to continue from it"
+        )
+
+    def _interrupted_message(self) -> str:
+        last = None
+        with contextlib.suppress(CheckpointError):
+            last = find_last_checkpoint(self.work_dir) if self.is_main else None
+        at = self.state.iteration if self.state else 0
+        if last is None:
+            return f"interrupted at iteration {at} before any checkpoint was written; start the run again"
+        return (f"interrupted at once (second Ctrl-C) during iteration {at + 1}; the last checkpoint is {last}: "
+                "run the same command with --resume to continue from it")
+
     def _setup(self) -> None:
         cfg, tcfg, ctx = self.cfg, self.cfg.train, self.ctx
-        _, self.device = distributed.init_distributed(tcfg.device)
         self.amp = amp_dtype(tcfg, self.device)
         configure_determinism(tcfg.deterministic)
         seed_all(tcfg.seed)
+        if self.lock is not None and self.lock.took_over:
+            self.log.info(f"took over the lock {self.lock.path.name} of a training that is no longer running "
+                          f"({self.lock.took_over})")
+        _make_root_absolute(cfg)
 
         train_set = build_dataset(cfg.data, "train")
         val_set = build_dataset(cfg.data, "val")
         self.meta = meta = dataset_meta(train_set, cfg)
+        _check_crop_fits(train_set, cfg)
         from scaleseg.models import build_model
 
         model = build_model(cfg.model, meta["num_classes"], meta["ignore_index"]).to(self.device)
@@ -172,23 +332,24 @@ class Trainer:
             self._restore(checkpoint_path, checkpoint)
         elif ctx.enabled:
             torch.manual_seed(tcfg.seed + 1_000_003 * ctx.rank)  # dropout: each process its own masks
+        self.state.run_id = distributed.all_gather_objects(self.state.run_id)[0]  # rank 0's for a new run
         start = self.state.iteration
-        if start >= tcfg.iters:
+        if start > tcfg.iters or (start == tcfg.iters and final_report_done(self.work_dir, tcfg.iters)):
             raise ConfigError(
-                f"the checkpoint is at iteration {start} and train.iters = {tcfg.iters}: nothing left to train; "
-                "raise train.iters to continue"
+                f"the checkpoint is at iteration {start} and train.iters = {tcfg.iters}: nothing left to train"
+                + (" (the run is complete)" if start == tcfg.iters else "") + "; raise train.iters to continue"
             )
         if self.is_main:
-            save_config(cfg, self.work_dir / "config.yaml")
+            write_text_atomic(self.work_dir / "config.yaml", config_yaml(cfg))
         self.records = Records(self.work_dir, start, tcfg.tensorboard, enabled=self.is_main)
 
         with distributed.main_process_first(ctx):  # rank 0 scans and caches class sets, the others read them
             loader = build_train_loader(
                 cfg.data, train_set, meta["ignore_index"], tcfg.seed, start=self.state.samples_seen,
-                work_dir=self.work_dir, progress=tcfg.progress and self.is_main, rank=ctx.rank,
+                work_dir=self.work_dir, progress=show_progress(tcfg.progress and self.is_main), rank=ctx.rank,
                 world_size=ctx.world_size,
             )
-        self.data_iter = iter(loader)
+        self.data_iter = iter(loader) if start < tcfg.iters else None
         self.val_loader = build_eval_loader(cfg.data, val_set, meta["ignore_index"], ctx.rank, ctx.world_size)
         self.step_module = distributed.TrainStep(model)
         if ctx.enabled:
@@ -211,6 +372,16 @@ class Trainer:
         )
         if start:
             self.log.info(f"resumed from {checkpoint_path} at iteration {start}")
+        if start == tcfg.iters:
+            self.log.info(f"{checkpoint_path.name} is the final checkpoint but the run stopped before its final "
+                          "report: running the final evaluation and writing the report")
+
+    def evaluate(self) -> dict:
+        """The model on the val split (every process its share), as the hooks and the final report use it."""
+        return evaluate(
+            self.model, self.val_loader, self.meta["num_classes"], self.meta["ignore_index"], self.cfg.eval,
+            self.device, self.amp, show_progress(self.cfg.train.progress and self.is_main),
+        )
 
     # ---------------------------------------------------------------------------------------
     def run_step(self) -> StepResult:
@@ -293,33 +464,97 @@ class Trainer:
 
         `--resume CKPT` loads CKPT (any problem is an error). `--resume` alone takes the checkpoint
         `last_checkpoint` names; should that one not load (a damaged disk, a hand-edited file), the newest
-        iter_*.pth that does, saying which files were passed over."""
+        iter_*.pth of the same run that does, saying which files were passed over. A checkpoint of another
+        run (another run_id) is never taken."""
         if not self.resume:
             return None, None
         if self.resume is not True:
             path = Path(self.resume)
-            return path, load_checkpoint(path)
+            ckpt = load_checkpoint(path)
+            self._refuse_another_runs_work_dir(path, ckpt)
+            return path, ckpt
         candidates: list[Path] = []
         try:
             pointed = find_last_checkpoint(self.work_dir)
         except CheckpointError as exc:
-            self.log.warning(str(exc))
+            self.log.warning(f"--resume: {exc}; taking the newest checkpoint of the run that loads")
             pointed = None
         if pointed is not None:
             candidates.append(pointed)
-        candidates += [p for p in sorted(self.work_dir.glob("iter_*.pth"), reverse=True) if p not in candidates]
+        candidates += [p for p in own_checkpoints(self.work_dir) if p not in candidates]
         if not candidates:
             self.log.info(f"--resume: no checkpoint in {self.work_dir} yet, starting from scratch")
             return None, None
+        newest: tuple[Path, dict] | None = None
+        runs: list[tuple[Path, object]] = []  # (checkpoint, its run_id) of every checkpoint that loads
         for path in candidates:
             try:
-                return path, load_checkpoint(path)
+                ckpt = load_checkpoint(path)
             except CheckpointError as exc:
                 self.log.warning(f"--resume: passing over {path.name}: {exc}")
-        raise CheckpointError(
-            f"--resume: none of the checkpoints in {self.work_dir} can be read "
-            f"({', '.join(p.name for p in candidates)}); start a new run in another work dir"
-        )
+                continue
+            if path == pointed:  # the run's own newest: the common case, nothing else is read
+                return path, ckpt
+            runs.append((path, ckpt.get("run_id")))
+            if newest is None:
+                newest = (path, ckpt)
+            del ckpt  # only the newest is kept in memory
+        if newest is None:
+            raise CheckpointError(
+                f"--resume: none of the checkpoints in {self.work_dir} can be read "
+                f"({', '.join(p.name for p in candidates)}); start a new run in another work dir"
+            )
+        # no usable last_checkpoint: the newest that loads, provided every checkpoint there is of one run
+        if len({run for _, run in runs}) > 1:
+            listing = ", ".join(f"{p.name} (run {str(run)[:8]})" for p, run in runs)
+            raise CheckpointError(
+                f"--resume: the checkpoints in {self.work_dir} belong to {len({r for _, r in runs})} runs ({listing}) "
+                f"and {LAST_POINTER} does not say which is this run's; give the one to continue with --resume CKPT"
+            )
+        return newest
+
+    def _refuse_another_runs_work_dir(self, path: Path, ckpt: dict) -> None:
+        """`--resume CKPT` into a work dir that holds another run would mix the two runs' files (pruning is
+        safe, but last_checkpoint and best.pth are one per work dir)."""
+        try:
+            pointed = find_last_checkpoint(self.work_dir)
+        except CheckpointError:
+            return
+        if pointed is None or pointed.resolve() == path.expanduser().resolve():
+            return
+        try:
+            theirs = load_checkpoint(pointed).get("run_id")
+        except CheckpointError:
+            return
+        if theirs is not None and theirs != ckpt.get("run_id"):
+            raise WorkDirError(
+                f"--resume {path}: the work dir {self.work_dir} holds another run (its last checkpoint is "
+                f"{pointed.name}); continue {path.name} in its own work dir or in a new one with --work-dir"
+            )
+
+    def _check_same_run(self, path: Path, ckpt: dict) -> None:
+        """A resume continues the run the checkpoint belongs to: the same model and classes (else refused,
+        naming the keys that differ); other settings may change (a lower optim.lr after NaN steps, more
+        train.iters), and what changed is logged."""
+        saved = ckpt.get("config") or {}
+        now = self.cfg.to_dict()
+        refused = []
+        for key, value in _flatten_dict(now):
+            if (key.startswith("model.") and key != "model.pretrained") or key in RUN_IDENTITY:
+                present, before = _lookup(saved, key)
+                if present and before != value:  # a key the checkpoint's version did not have is not a change
+                    refused.append(f"{key}: checkpoint {before!r}, config {value!r}")
+        if refused:
+            raise CheckpointError(
+                f"--resume: {path} is a checkpoint of another model or task than this config:\n"
+                + "".join(f"  {r}\n" for r in refused)
+                + "  resume with the config it was trained with (the config.yaml in its work dir), or start a new "
+                "run in another work dir"
+            )
+        changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in _changed_keys(saved, now)
+                   if not k.startswith(("model.", "work_dir", "name")) and k not in ("data.root",)]
+        if changed:
+            self.log.info("resuming with changed settings: " + "; ".join(changed))
 
     def _restore(self, path: Path, ckpt: dict) -> None:
         """Load weights, optimizer, scaler, RNG state and the TrainState from a checkpoint."""
@@ -328,6 +563,7 @@ class Trainer:
                 f"{path} holds weights only (no optimizer state), so training cannot resume from it exactly; "
                 "resume from an iter_*.pth checkpoint"
             )
+        self._check_same_run(path, ckpt)
         load_model_state(self.model, ckpt, path, self.cfg.to_dict())
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -370,7 +606,8 @@ class Trainer:
         save_checkpoint(self._weights_state(), path)
 
     def save_checkpoint(self) -> Path | None:
-        """iter_NNNNNN.pth with everything a resume needs, then `last_checkpoint` pointing at it; every
+        """iter_NNNNNN.pth with everything a resume needs, then `last_checkpoint` pointing at it, then this
+        run's oldest checkpoints beyond train.keep_checkpoints deleted (never a file of another run); every
         process's RNG state goes in (gathered from all: call it on every process). -> the path (rank 0)."""
         own = {
             "torch": torch.get_rng_state(),
@@ -379,6 +616,9 @@ class Trainer:
         ranks = distributed.all_gather_objects(own)
         if not self.is_main:
             return None
+        path = self.work_dir / f"iter_{self.state.iteration:06d}.pth"
+        if path.name not in self.state.checkpoints:
+            self.state.checkpoints.append(path.name)
         state = self._weights_state()
         state.update(
             optimizer=self.optimizer.state_dict(),
@@ -386,10 +626,118 @@ class Trainer:
             world_size=self.ctx.world_size,
             rng={**own, "ranks": ranks if self.ctx.enabled else []},
         )
-        path = self.work_dir / f"iter_{self.state.iteration:06d}.pth"
         save_checkpoint(state, path)
         write_last_pointer(self.work_dir, path)
+        keep = self.cfg.train.keep_checkpoints
+        if keep:
+            old, self.state.checkpoints = self.state.checkpoints[:-keep], self.state.checkpoints[-keep:]
+            for name in old:  # the checkpoint just written lists them too: a resume deletes what is left over
+                with contextlib.suppress(FileNotFoundError):
+                    (self.work_dir / name).unlink()
         return path
+
+
+def _lookup(d: dict, key: str) -> tuple[bool, object]:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False, None
+        d = d[part]
+    return True, d
+
+
+def _flatten_dict(d: dict, prefix: str = ""):
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from _flatten_dict(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _changed_keys(a: dict, b: dict, prefix: str = ""):
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        dotted = f"{prefix}{key}"
+        if isinstance(x, dict) and isinstance(y, dict):
+            yield from _changed_keys(x, y, dotted + ".")
+        elif x != y:
+            yield dotted, x, y
+
+
+def _make_root_absolute(cfg: Config) -> None:
+    """data.root as an absolute path, so the config.yaml and checkpoints of the run work from any folder."""
+    if cfg.data.root:
+        root = Path(cfg.data.root).expanduser()
+        if not root.is_absolute():
+            cfg.data.root = str(root.resolve())
+
+
+def _check_crop_fits(dataset, cfg: Config) -> None:
+    """A file dataset's training crop must fit in at least one image resized by the largest scale (the synthetic
+    set's sizes are known and checked by the config): otherwise every crop would be mostly padding. Reads image
+    headers only, and stops at the first image that fits (the first, as a rule)."""
+    samples = getattr(dataset, "samples", None)
+    if not samples or cfg.data.dataset == "synthetic":
+        return
+    from PIL import Image
+
+    crop, high = cfg.data.train_pipeline.crop_size, cfg.data.train_pipeline.scale_range[1]
+    largest = (0, 0)
+    for sample in samples:
+        try:
+            with Image.open(sample.image) as im:
+                w, h = im.size
+        except (OSError, AttributeError, ValueError):  # unreadable: the loader reports it, naming the file
+            return
+        if crop[0] <= int(h * high) and crop[1] <= int(w * high):
+            return
+        largest = max(largest, (h, w), key=lambda s: s[0] * s[1])
+    raise ConfigError(
+        f"data.train_pipeline.crop_size = {list(crop)} is larger than every training image resized by "
+        f"data.train_pipeline.scale_range high {high} (largest {largest[0]}x{largest[1]} (height x width) -> "
+        f"{int(largest[0] * high)}x{int(largest[1] * high)}); every crop would be mostly padding: lower the crop "
+        "size or raise the scale range"
+    )
+
+
+class _StopOnInterrupt:
+    """While training: the first Ctrl-C (SIGINT) asks the run to stop after the current iteration (the
+    trainer then writes a checkpoint); a second one interrupts at once. DataLoader workers (forked with
+    this handler) ignore it: the main process stops them. Several processes agree on the iteration to
+    stop at (one all-reduce per step). Outside the main thread nothing is installed."""
+
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx
+        self.flag = False
+        self.deferred = False  # True while iterating: Ctrl-C asks for a stop after the iteration
+        self.previous = None
+        self.pid = os.getpid()
+
+    def __enter__(self) -> "_StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a forked DataLoader worker: the main process decides
+            return
+        if self.flag or not self.deferred:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.flag = True
+        print("\nCtrl-C: stopping after this iteration and saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        if not self.ctx.enabled:
+            return self.flag
+        flag = torch.tensor([1 if self.flag else 0], dtype=torch.int64)
+        if torch.distributed.get_backend() == "nccl":
+            flag = flag.cuda()
+        return bool(distributed.all_reduce_sum(flag).item())
 
 
 def _architecture(model_cfg) -> str:

@@ -69,20 +69,25 @@ def read_palette(path: Path, num_classes: int) -> np.ndarray:
     return np.array(colours[:num_classes], dtype=np.uint8)
 
 
-def _index_files(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
-    """relative path without suffix (posix) -> file, for the files under `folder` with one of `suffixes`."""
+def _index_files(folder: Path, suffixes: tuple[str, ...], what: str) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+    """(relative path without suffix (posix) -> file, the keys that more than one file has -> those files),
+    for the files under `folder` with one of `suffixes`."""
     found: dict[str, Path] = {}
+    duplicates: dict[str, list[Path]] = {}
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() not in suffixes or not path.is_file() or path.name.startswith("."):
             continue
         key = path.relative_to(folder).with_suffix("").as_posix()
         if key in found:
-            raise DataError(
-                f"{what} {str(found[key])!r} and {str(path)!r} have the same name; keep one file per name "
-                "(images and labels are paired by their path without the suffix)"
-            )
+            duplicates.setdefault(key, [found[key]]).append(path)
+            continue
         found[key] = path
-    return found
+    return found, duplicates
+
+
+def _same_name_message(what: str, files: list[Path]) -> str:
+    return (f"{what} {' and '.join(repr(str(p)) for p in files)} have the same name; keep one file per name "
+            "(images and labels are paired by their path without the suffix)")
 
 
 class FolderSegmentation(FileSegmentation):
@@ -134,10 +139,22 @@ class FolderSegmentation(FileSegmentation):
         for folder in (image_dir, label_dir):
             if not folder.is_dir():
                 raise DataError(f"folder: {str(folder)!r} does not exist ({self.LAYOUT})")
-        images = _index_files(image_dir, IMAGE_SUFFIXES, "images")
-        labels = _index_files(label_dir, LABEL_SUFFIXES, "labels")
+        images, same_images = _index_files(image_dir, IMAGE_SUFFIXES, "images")
+        labels, same_labels = _index_files(label_dir, LABEL_SUFFIXES, "labels")
+        # a name with two images (or labels) is ambiguous: an error, or in skip mode (check-data) a problem of
+        # that sample alone, kept in `listing_problems` so that the split's other problems are still found
+        self.listing_problems = [
+            (key, tuple(str(p) for p in files), _same_name_message(what, files))
+            for what, same in (("images", same_images), ("labels", same_labels)) for key, files in sorted(same.items())
+        ]
+        if self.listing_problems and self.on_bad_sample == "error":
+            raise DataError("; ".join(m for _, _, m in self.listing_problems))
+        ambiguous = {key for key, _, _ in self.listing_problems}
+        if ambiguous:
+            warnings.warn(f"folder split {self.split!r}: skipping {len(ambiguous)} samples whose name two files "
+                          f"share: {', '.join(sorted(ambiguous)[:5])}", stacklevel=3)
         samples = []
-        for key in sorted(images.keys() | labels.keys()):
+        for key in sorted((images.keys() | labels.keys()) - ambiguous):
             # a missing side gets a placeholder path that does not exist: `_check_listed` reports it
             image = images.get(key, image_dir / f"{key}.*")
             label = labels.get(key, label_dir / f"{key}.png")

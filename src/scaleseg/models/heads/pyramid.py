@@ -10,8 +10,8 @@ Choices where the paper is silent (documented in docs/pyramid.md):
 * Inputs are padded at the bottom/right to a multiple of the coarsest stride (images with zeros, i.e.
   the mean colour after normalisation; labels with ignore) and outputs are cropped back.
 * The finest semantic level is trained like the single-level head: its scores are bilinearly
-  upsampled to the label size (`loss_resolution: full`) or the labels nearest-downsampled to its grid
-  (`decoder`), with done-by-coarser pixels ignored; the finest level has no unity prediction (section
+  upsampled to the label size (`loss_resolution: full`) or the labels downsampled to its grid by each
+  cell's majority (`decoder`), with done-by-coarser pixels ignored; the finest level has no unity prediction (section
   3.1: every finest cell is taken as unity).
 * The unity head's last shared "Conv1x1" on the difference map is Conv1x1-BN-ReLU-Conv1x1: a single
   linear map of the difference cannot measure its size in every direction.
@@ -35,7 +35,7 @@ from scaleseg.losses.pyramid import (
 )
 from scaleseg.models.decoders.deeplabv3plus import conv_norm_relu
 from scaleseg.models.heads.base import ClassScorer, SegmentationHead
-from scaleseg.models.heads.single import nearest_downsample, resize_scores
+from scaleseg.models.heads.single import majority_downsample, resize_scores
 from scaleseg.models.norm import NormLayer, norm_1d
 
 
@@ -276,7 +276,7 @@ class PyramidHead(SegmentationHead):
                 scores = resize_scores(scores, padded.shape[-2:])
                 level_target = relabel(padded, upsample_cells(done[index], self.strides[index]), self.ignore_index)
             else:
-                level_target = relabel(nearest_downsample(padded, scores.shape[-2:]), done[index], self.ignore_index)
+                level_target = relabel(majority_downsample(padded, scores.shape[-2:]), done[index], self.ignore_index)
             for name, value in scorer.loss(scores, level_target, regularize=index == 0).items():
                 share = value if name != "ce" else value / L
                 terms[name] = terms[name] + share if name in terms else share
