@@ -227,3 +227,22 @@ def test_rounds_pool_the_samples_and_head_limits_skip(tmp_path, monkeypatch):
     assert speed.parse_head("ess-knn@20000") == ("ess-knn", 20000)
     with pytest.raises(Exception, match="not a class count"):
         speed.parse_head("ess-knn@lots")
+
+
+def test_no_inference_times_the_training_step_only(tmp_path, monkeypatch):
+    """--no-inference: every job is told so, the inference phase is never measured (recorded as skipped,
+    '–' in its table) and the command that reproduces the run says so."""
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference measured under --no-inference")
+
+    monkeypatch.setattr(speed, "measure_inference", no_inference)
+    monkeypatch.setattr(speed, "run_child", _in_process)
+    out = tmp_path / "speed"
+    assert main(["bench", "speed", *TINY, "--heads", "ess-knn", "--classes", "10", "--repeats", "1", "--knn-pixels", "0",
+                 "--no-inference", "--out", str(out)]) == 0
+    report = json.loads((out / "speed.json").read_text())
+    (record,) = report["results"]
+    assert record["inference"]["status"] == "skipped" and record["train"]["status"] == "ok"
+    assert record["train"]["parts"]["total"]["median"] > 0
+    assert report["settings"]["command"].endswith(f"--no-inference --out {out}")
+    assert "| ess-knn | – |" in speed.inference_table(report["results"], ["ess-knn"], [10])

@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(load drifting over a long run then hits every configuration alike; default 1)")
     p.add_argument("--knn-pixels", type=int, default=2 * 256 * 256 // 16,
                    help="queries of the torch-vs-FAISS search comparison (default 8192; 0 skips it)")
+    p.add_argument("--no-inference", action="store_true",
+                   help="time the training step only (inference decides every pixel by an exact search of all C "
+                        "classes: minutes per image at C = 1,000,000 on a CPU)")
     p.add_argument("--limit-gb", type=float, default=None,
                    help="CPU: address-space limit per process, so running out of memory is recorded as OOM")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

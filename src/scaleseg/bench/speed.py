@@ -303,6 +303,8 @@ def measure_config(job: dict) -> dict:
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     knn = job["head"] in KNN_HEADS
     record = {"threads": torch.get_num_threads(), "search_queries": search_queries(job, cfg) if knn else None}
+    if not job.get("inference", True):
+        record["inference"] = {"status": "skipped", "detail": "--no-inference"}
     phases = (
         ("inference", lambda: measure_inference(model, dev, job["crop"], job["num_classes"], job["warmup"],
                                                 job["repeats"], sync)),
@@ -310,6 +312,8 @@ def measure_config(job: dict) -> dict:
                                            job["warmup"], job["repeats"], sync, knn)),
     )
     for name, run in phases:
+        if name in record:
+            continue
         try:
             record[name] = run()
         except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
@@ -532,6 +536,8 @@ def command_line(args) -> str:
              "--knn-pixels", str(args.knn_pixels)]
     if getattr(args, "rounds", 1) != 1:
         parts += ["--rounds", str(args.rounds)]
+    if getattr(args, "no_inference", False):
+        parts.append("--no-inference")
     if args.limit_gb:
         parts += ["--limit-gb", f"{args.limit_gb:g}"]
     for override in args.set or []:
@@ -552,8 +558,9 @@ def run_benchmark(args) -> dict:
     heads, limits = [h for h, _ in specs], {h: limit for h, limit in specs if limit is not None}
     common = {"device": str(device), "warmup": args.warmup, "repeats": args.repeats, "overrides": list(args.set or []),
               "limit_gb": args.limit_gb}
+    inference = not getattr(args, "no_inference", False)
     jobs = [{"kind": "config", "head": h, "num_classes": c, "backbone": args.backbone, "batch": args.batch,
-             "crop": args.crop, "loss_resolution": args.loss_resolution, **common}
+             "crop": args.crop, "loss_resolution": args.loss_resolution, "inference": inference, **common}
             for h in heads for c in args.classes]
     if args.knn_pixels:
         jobs += [{"kind": "knn", "num_classes": c, "pixels": args.knn_pixels, **common} for c in args.classes]
