@@ -37,8 +37,8 @@ class ESSHead(nn.Module):
         margin_refresh: training steps between refreshes of the regulariser's nearest-class pairs (ESS
             supplementary C; 1 = the exact Eq. 7 every step, a C x C search).
         search_block, search_index: cheaper hard negatives (ESS supplementary C): one search per s x s
-            block of loss pixels; "exact", "ivf" (the approximate k-means class index) or "auto" (ivf
-            from 50,000 classes on). docs/benchmarks.md has their cost and accuracy.
+            block of loss pixels; "exact" (default), "ivf" (the approximate k-means class index) or "auto"
+            (ivf from 50,000 classes on). docs/benchmarks.md has their cost and accuracy.
     """
 
     def __init__(
@@ -57,7 +57,7 @@ class ESSHead(nn.Module):
         memory_budget_mb: int = 256,
         margin_refresh: int = 100,
         search_block: int = 1,
-        search_index: str = "auto",
+        search_index: str = "exact",
     ) -> None:
         super().__init__()
         if 0 <= ignore_index < num_classes:

@@ -176,8 +176,10 @@ class EmbeddingConfig:
     # the class table's optimizer settings are optim.groups.class_embeddings (ESS supplementary A)
     # Cheaper hard negatives (ESS supplementary C); docs/benchmarks.md has their cost and accuracy.
     search_block: int = 1  # s: one nearest-class search per s x s block of loss pixels, shared by them
-    search_index: Literal["exact", "ivf", "auto"] = "auto"  # ivf: approximate k-means index; auto: ivf
-    index_min_classes: int = 50_000  # ... from this many classes on
+    # ivf: approximate k-means index; auto: ivf from index_min_classes classes on. Default exact: on the
+    # built-in dataset the index lost accuracy at 1,000 classes (docs/benchmarks.md), so it is opt-in
+    search_index: Literal["exact", "ivf", "auto"] = "exact"
+    index_min_classes: int = 50_000  # auto: an index from this many classes on
     index_clusters: int = 0  # clusters of the index; 0 = round(sqrt(C))
     index_probes: int = 8  # clusters searched per query
     index_refresh: int = 100  # training steps between k-means refreshes of the index

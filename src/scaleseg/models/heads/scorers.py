@@ -107,7 +107,7 @@ class EmbeddingScorer(ClassScorer):
         search_budget_bytes: int = 256 * 2**20,
         search_backend: str = "torch",
         search_block: int = 1,
-        search_index: str = "auto",
+        search_index: str = "exact",
         index_min_classes: int = 50_000,
         index_clusters: int = 0,
         index_probes: int = 8,
