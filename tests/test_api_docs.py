@@ -52,7 +52,7 @@ def namespace():
 
 def test_the_plain_blocks_train_evaluate_and_build(namespace):
     ns = namespace
-    head, features = ns["head"], ns["features"]
+    head = ns["head"]
     assert isinstance(head, scaleseg.ESSHead) and head.class_embeddings.shape == (5000, 12)
     # the loop stepped: the poly schedule ran to its end and every group got its initial LR
     lrs = {g.get("name", "features"): (g["initial_lr"], g["lr"]) for g in ns["loop_optimizer"].param_groups}

@@ -479,7 +479,7 @@ def run(ws: Workspace, command: str) -> None:
 
         assert len(build_dataset(cfg.data, "train")) > 0
     elif case.how == "synopsis":
-        program, sub = argv[1], argv[2] if len(argv) > 2 else None
+        program = argv[1]
         parser = build_parser()
         action = next(a for a in parser._subparsers._group_actions if a.dest == "command")  # noqa: SLF001
         options = set(action.choices[program]._option_string_actions)  # noqa: SLF001

@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from scaleseg.cli import main
-from scaleseg.config import EvalConfig
 from scaleseg.data.io import read_image
 from scaleseg.data.transforms import to_tensor
 from scaleseg.engine import inference

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from scaleseg.cli import main
 from scaleseg.config import load_config
