@@ -72,7 +72,8 @@ def test_aggregate_table_and_failed_runs_recorded(tmp_path):
 
 def test_variant_overrides_give_the_intended_configs():
     cfgs = {v: load_config(None, accuracy.run_overrides(v, 150, 3)) for v in accuracy.VARIANTS}
-    assert set(cfgs) == {"baseline", "ess-knn", "ess-full", "ess-random", "ess-nonorm", "ess-nomargin"}
+    assert set(cfgs) == {"baseline", "ess-knn", "ess-full", "ess-random", "ess-nonorm", "ess-nomargin",  # Table 3
+                         "ess-exact", "ess-cached", "ess-block2", "ess-block4", "ess-ivf", "ess-fast"}  # supp. C
     ess_file = load_config(REPO / "configs" / "synthetic" / "ess.yaml")
     for name, cfg in cfgs.items():
         assert (cfg.data.dataset, cfg.data.num_classes, cfg.train.seed, cfg.train.iters) == ("synthetic", 150, 3, 300)
@@ -84,6 +85,14 @@ def test_variant_overrides_give_the_intended_configs():
         e, ref = cfg.model.head.embedding, ess_file.model.head.embedding
         assert cfg.model.head.scorer == "embedding"
         changed = {k for k in vars(ref) if getattr(e, k) != getattr(ref, k)}
+        supplementary = {"ess-exact": {}, "ess-cached": {"margin_refresh": 100}, "ess-block2": {"search_block": 2},
+                         "ess-block4": {"search_block": 4}, "ess-ivf": {"search_index": "ivf"},
+                         "ess-fast": {"search_block": 4, "search_index": "ivf", "margin_refresh": 100}}
+        if name in supplementary:  # the exact settings pinned (whatever the defaults), then one change
+            want = {"search_block": 1, "search_index": "exact", "margin_refresh": 1, **supplementary[name]}
+            assert {k: getattr(e, k) for k in want} == want, name
+            assert changed <= set(want), name
+            continue
         expected = {"ess-knn": set(), "ess-full": {"loss"}, "ess-random": {"negatives"},
                     "ess-nonorm": {"normalize"}, "ess-nomargin": {"margin_weight"}}[name]
         assert changed == expected, name

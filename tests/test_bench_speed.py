@@ -50,22 +50,24 @@ def test_one_record_per_head_and_class_with_every_part(tiny_report):
         train, infer = r["train"], r["inference"]
         assert train["status"] == "ok" and infer["status"] == "ok", r
         parts = train["parts"]
-        assert set(parts) == {*speed.TRAIN_PARTS, "margin_search", "total"}
-        applicable = [p for p in speed.TRAIN_PARTS if p != "search" or r["head"] == "ess-knn"]
+        assert set(parts) == {*speed.TRAIN_PARTS, "total"}
+        ess = r["head"] != "baseline"
+        applicable = [p for p in speed.TRAIN_PARTS
+                      if (p != "search" or r["head"] == "ess-knn") and (p != "regularizer" or ess)]
         assert (parts["search"] is None) == (r["head"] != "ess-knn")
+        assert (parts["regularizer"] is None) == (not ess)
         for p in (*applicable, "total"):
-            assert len(parts[p]["samples"]) == 2 and all(t > 0 for t in parts[p]["samples"]), (r["head"], p)
+            positive = p != "refresh"  # refreshes fall in few steps (none here: their interval is 100)
+            assert len(parts[p]["samples"]) == 2 and all(t > 0 or not positive for t in parts[p]["samples"]), (r["head"], p)
             assert parts[p]["min"] <= parts[p]["median"] <= parts[p]["max"]
         # the parts are contiguous: per step they add up to the step's total
         for i, total in enumerate(parts["total"]["samples"]):
             assert sum(parts[p]["samples"][i] for p in applicable) == pytest.approx(total, rel=1e-6, abs=1e-9)
         medians = sum(parts[p]["median"] for p in applicable)
         assert 0.5 * parts["total"]["median"] <= medians <= 2 * parts["total"]["median"]
-        # ESS: the regulariser's C x C search is inside the loss time; the baseline has none
-        if r["head"] == "baseline":
-            assert parts["margin_search"] is None
-        else:
-            assert all(0 < m <= l for m, l in zip(parts["margin_search"]["samples"], parts["loss"]["samples"]))
+        # ESS: the exact regulariser (margin_refresh 1) searches every step, inside its own part
+        if ess:
+            assert all(t == 0 for t in parts["refresh"]["samples"])
         # the kNN loss searched every pixel of the batch at full resolution
         assert train["search_queries"] == (2 * 32 * 32 if r["head"] == "ess-knn" else None)
         ip = infer["parts"]
@@ -102,18 +104,21 @@ def test_markdown_tables_have_the_right_rows_and_columns(tiny_report):
     assert report["settings"]["command"] in md
     by = {(r["head"], r["num_classes"]): r for r in report["results"]}
     tables = [[line for line in block.splitlines() if line.startswith("|")] for block in md.split("###")[1:]]
-    train, breakdown, inference, knn = tables
+    train, breakdown, inference, refreshes, knn = tables
+    # the exact regulariser (margin_refresh 1) of both ESS heads: its refresh is every step's own search
+    assert [r.split(" | ")[0] for r in refreshes[2:]] == ["| ess-knn", "| ess-knn", "| ess-full", "| ess-full"]
+    assert all("| 1 (exact) |" in r for r in refreshes[2:])
     assert train[0] == "| head | C = 10 | C = 50 |" and len(train) == 2 + 3
     assert train[3] == ("| ess-knn | " + speed.fmt_stats(by[("ess-knn", 10)]["train"]["parts"]["total"]) + " | "
                         + speed.fmt_stats(by[("ess-knn", 50)]["train"]["parts"]["total"]) + " |")
-    assert breakdown[0] == "| head | C | forward | search | loss | backward | optimizer | total |"
+    assert breakdown[0] == "| head | C | forward | search | loss | regularizer | refresh | backward | optimizer | total |"
     assert len(breakdown) == 2 + 6
     row = breakdown[2 + 3].strip("|").split(" | ")  # ess-knn, C = 50
     parts = by[("ess-knn", 50)]["train"]["parts"]
     assert [c.strip() for c in row] == ["ess-knn", "50", *(speed.fmt_stats(parts[p]) for p in (*speed.TRAIN_PARTS, "total"))]
     assert breakdown[2].split(" | ")[3] == "–"  # baseline: no search
     assert inference[0] == "| head | C = 10 | C = 50 |" and [r.split(" |")[0] for r in inference[2:]] == [f"| {h}" for h in HEADS]
-    assert len(knn) == 4 and knn[2].startswith("| 10 | 256 | 8 |") and knn[2].endswith("| 100.00% | 100.00% |")
+    assert len(knn) == 4 and knn[2].startswith("| 10 | 256 | 8 |") and "GFLOP/s, same sets |" in knn[2]
     assert "![training step and inference time against C](img/speed_resnet_tiny_cpu.png)" in md
 
 
@@ -139,7 +144,7 @@ def test_an_out_of_memory_phase_is_recorded_and_the_other_still_runs(monkeypatch
     assert record["train"]["search_queries"] == 2 * 8 * 8  # decoder grid of two 32x32 crops
     assert "| ess-knn | OOM |" in speed.inference_table([record], ["ess-knn"], [10])
     killed = speed._normalize_config_record("baseline", 10, {"status": "killed", "detail": "signal 9"})
-    assert speed.breakdown_table([killed], ["baseline"], [10]).splitlines()[-1] == "| baseline | 10 |" + " KILLED |" * 6
+    assert speed.breakdown_table([killed], ["baseline"], [10]).splitlines()[-1] == "| baseline | 10 |" + " KILLED |" * 8
 
 
 def test_search_backends_agree_with_tiled_torch_search():
@@ -184,7 +189,60 @@ def test_report_with_failures_still_renders(tiny_report, tmp_path):
     report["knn_backends"][1] = {"num_classes": 50, "queries": 256, "status": "killed", "detail": "signal 9"}
     md = speed.format_markdown(report)
     assert "| baseline | " + speed.fmt_stats(report["results"][0]["train"]["parts"]["total"]) + " | OOM |" in md
-    assert "| baseline | 50 |" + " OOM |" * 6 in md
-    assert "| 50 | 256 | | KILLED | | | | |" in md
+    assert "| baseline | 50 |" + " OOM |" * 8 in md
+    assert "| 50 | 256 | | | KILLED |" + " |" * 5 in md
     speed.plot(report, tmp_path / "speed.png")
     assert (tmp_path / "speed.png").stat().st_size > 0
+
+
+def test_rounds_pool_the_samples_and_head_limits_skip(tmp_path, monkeypatch):
+    """--rounds 2 runs every job twice, round by round (A B A B), pooling the timed samples;
+    ess-knn@10 is not run at C = 50 ('–' in the tables)."""
+    order = []
+
+    def fake(job):
+        order.append((job.get("head", "search"), job["num_classes"]))
+        if job["kind"] == "knn":
+            return {"status": "skipped"}
+        base = 0.1 * len(order)
+        parts = {p: {"samples": [base, base + 0.01]} for p in (*speed.TRAIN_PARTS, "total")}
+        parts = {p: speed.summarize(v["samples"]) for p, v in parts.items()}
+        phase = {"status": "ok", "parts": parts}
+        inference = {"status": "ok", "parts": {p: speed.summarize([base]) for p in (*speed.INFER_PARTS, "total")}}
+        return {"threads": 1, "search_queries": None, "train": phase, "inference": inference}
+
+    monkeypatch.setattr(speed, "run_child", fake)
+    out = tmp_path / "speed"
+    assert main(["bench", "speed", *TINY, "--heads", "baseline,ess-knn@10", "--rounds", "2", "--knn-pixels", "0",
+                 "--out", str(out)]) == 0
+    assert order == [("baseline", 10), ("baseline", 50), ("ess-knn", 10)] * 2
+    report = json.loads((out / "speed.json").read_text())
+    by = {(r["head"], r["num_classes"]): r for r in report["results"]}
+    assert len(by[("baseline", 10)]["train"]["parts"]["total"]["samples"]) == 4
+    assert by[("baseline", 10)]["train"]["round_medians"] == [pytest.approx(0.105), pytest.approx(0.405)]
+    assert by[("ess-knn", 50)]["train"]["status"] == "skipped"
+    md = (out / "speed.md").read_text()
+    assert "| ess-knn | " + speed.fmt_stats(by[("ess-knn", 10)]["train"]["parts"]["total"]) + " | – |" in md
+    assert "ess-knn above C = 10" in md and "--rounds 2" in report["settings"]["command"]
+    assert speed.parse_head("ess-knn@20000") == ("ess-knn", 20000)
+    with pytest.raises(Exception, match="not a class count"):
+        speed.parse_head("ess-knn@lots")
+
+
+def test_no_inference_times_the_training_step_only(tmp_path, monkeypatch):
+    """--no-inference: every job is told so, the inference phase is never measured (recorded as skipped,
+    '–' in its table) and the command that reproduces the run says so."""
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference measured under --no-inference")
+
+    monkeypatch.setattr(speed, "measure_inference", no_inference)
+    monkeypatch.setattr(speed, "run_child", _in_process)
+    out = tmp_path / "speed"
+    assert main(["bench", "speed", *TINY, "--heads", "ess-knn", "--classes", "10", "--repeats", "1", "--knn-pixels", "0",
+                 "--no-inference", "--out", str(out)]) == 0
+    report = json.loads((out / "speed.json").read_text())
+    (record,) = report["results"]
+    assert record["inference"]["status"] == "skipped" and record["train"]["status"] == "ok"
+    assert record["train"]["parts"]["total"]["median"] > 0
+    assert report["settings"]["command"].endswith(f"--no-inference --out {out}")
+    assert "| ess-knn | – |" in speed.inference_table(report["results"], ["ess-knn"], [10])

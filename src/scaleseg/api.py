@@ -34,6 +34,11 @@ class ESSHead(nn.Module):
         loss_resolution: "full" (embeddings bilinearly upsampled to the labels, the paper) or "decoder"
             (labels sampled at the embeddings' grid).
         memory_budget_mb: the bound of the nearest-class search and the exact loss's tiles.
+        margin_refresh: training steps between refreshes of the regulariser's nearest-class pairs (ESS
+            supplementary C; 1 = the exact Eq. 7 every step, a C x C search).
+        search_block, search_index: cheaper hard negatives (ESS supplementary C): one search per s x s
+            block of loss pixels; "exact" (default), "ivf" (the approximate k-means class index) or "auto"
+            (ivf from 50,000 classes on). docs/benchmarks.md has their cost and accuracy.
     """
 
     def __init__(
@@ -50,6 +55,9 @@ class ESSHead(nn.Module):
         ignore_index: int = -100,
         loss_resolution: str = "full",
         memory_budget_mb: int = 256,
+        margin_refresh: int = 100,
+        search_block: int = 1,
+        search_index: str = "exact",
     ) -> None:
         super().__init__()
         if 0 <= ignore_index < num_classes:
@@ -59,7 +67,8 @@ class ESSHead(nn.Module):
         scorer = EmbeddingScorer(
             in_channels, num_classes, embed_dim=embed_dim, num_neighbours=num_neighbours, temperature=temperature,
             margin=margin, margin_weight=margin_weight, loss=loss, ignore_index=ignore_index,
-            search_budget_bytes=memory_budget_mb * 2**20,
+            search_budget_bytes=memory_budget_mb * 2**20, margin_refresh=margin_refresh,
+            search_block=search_block, search_index=search_index,
         )
         self.head = SingleLevelHead(scorer, loss_resolution)
 

@@ -367,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bench.add_parser("speed", help="training-step and inference time vs number of classes, with a breakdown")
     p.add_argument("--classes", default="19,1284,20000", metavar="C,C,...", help="class counts (default 19,1284,20000)")
-    p.add_argument("--heads", default="baseline,ess-knn,ess-full", metavar="H,H,...", help="baseline, ess-knn, ess-full, pyramid-linear, pyramid-ess")
+    p.add_argument("--heads", default="baseline,ess-knn,ess-full", metavar="H,H,...",
+                   help="from bench memory's heads (baseline, ess-knn, ess-knn-fast, ...); HEAD@C runs HEAD only up to C classes")
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=256)
@@ -375,8 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-resolution", default="full", choices=["full", "decoder"])
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions; median and min/max reported (default 5)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration this many times, round by round, pooling the timed repetitions "
+                        "(load drifting over a long run then hits every configuration alike; default 1)")
     p.add_argument("--knn-pixels", type=int, default=2 * 256 * 256 // 16,
                    help="queries of the torch-vs-FAISS search comparison (default 8192; 0 skips it)")
+    p.add_argument("--no-inference", action="store_true",
+                   help="time the training step only (inference decides every pixel by an exact search of all C "
+                        "classes: minutes per image at C = 1,000,000 on a CPU)")
     p.add_argument("--limit-gb", type=float, default=None,
                    help="CPU: address-space limit per process, so running out of memory is recorded as OOM")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

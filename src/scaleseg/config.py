@@ -174,15 +174,33 @@ class EmbeddingConfig:
     search_backend: Literal["torch", "faiss"] = "torch"
     search_budget_mb: int = 256  # memory bound of the nearest-class search and the exact loss tiles
     # the class table's optimizer settings are optim.groups.class_embeddings (ESS supplementary A)
+    # Cheaper hard negatives (ESS supplementary C); docs/benchmarks.md has their cost and accuracy.
+    search_block: int = 1  # s: one nearest-class search per s x s block of loss pixels, shared by them
+    # ivf: approximate k-means index; auto: ivf from index_min_classes classes on. Default exact: on the
+    # built-in dataset the index lost accuracy at 1,000 classes (docs/benchmarks.md), so it is opt-in
+    search_index: Literal["exact", "ivf", "auto"] = "exact"
+    index_min_classes: int = 50_000  # auto: an index from this many classes on
+    index_clusters: int = 0  # clusters of the index; 0 = round(sqrt(C))
+    index_probes: int = 8  # clusters searched per query
+    index_refresh: int = 100  # training steps between k-means refreshes of the index
+    margin_refresh: int = 100  # steps between refreshes of the regulariser's cached pairs (1: exact ESS Eq. 7)
+    margin_candidates: int = 1  # cached nearest other classes per class; the hinge takes the nearest
+    full_implementation: Literal["auto", "linear", "tiled"] = "auto"  # exact loss: PyTorch's chunked linear CE or ours
 
     def validate(self, key: str) -> None:
-        _positive(self.embed_dim, f"{key}.embed_dim")
-        _positive(self.num_neighbours, f"{key}.num_neighbours")
+        for name in ("embed_dim", "num_neighbours", "search_budget_mb", "search_block", "index_probes",
+                     "index_refresh", "margin_refresh", "margin_candidates", "index_min_classes"):
+            _positive(getattr(self, name), f"{key}.{name}")
+        if self.index_clusters < 0:
+            raise ConfigError(f"{key}.index_clusters = {self.index_clusters}: must be >= 0 (0 = round(sqrt(C)))")
+        for name in ("temperature", "margin", "margin_weight"):
+            _finite(getattr(self, name), f"{key}.{name}")
         if self.temperature <= 0:
             raise ConfigError(f"{key}.temperature = {self.temperature}: must be > 0")
         if self.margin < 0 or self.margin_weight < 0:
             raise ConfigError(f"{key}.margin and {key}.margin_weight must be >= 0")
-        _positive(self.search_budget_mb, f"{key}.search_budget_mb")
+        if self.full_implementation == "linear" and self.distance != "squared":
+            raise ConfigError(f"{key}.full_implementation = linear needs {key}.distance = squared; use auto or tiled")
 
 
 @dataclass
@@ -703,6 +721,11 @@ def _to_plain(value: Any) -> Any:
 def _positive(value: int, key: str) -> None:
     if value <= 0:
         raise ConfigError(f"{key} = {value}: must be > 0")
+
+
+def _finite(value: float, key: str) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} = {value}: must be a finite number")
 
 
 def _seed(value: int, key: str) -> None:

@@ -1,25 +1,52 @@
-"""Nearest-class search: the exact k nearest class embeddings of each query, in bounded memory.
+"""Nearest-class search: the k nearest class embeddings of each query, in bounded memory.
 
-ESS needs, for every pixel embedding, its k nearest class embeddings (hard negatives, Eq. 6) and,
-at inference, its nearest one (the prediction). A full N x C distance matrix is exactly what ESS
-avoids, so the search walks the (queries x classes) grid in tiles whose size is set by a byte
-budget, keeping a running top-k per query:
+ESS needs, for every pixel embedding, its k nearest class embeddings (the hard negatives of ESS
+Eq. 6), for every class its nearest other class (the max-margin regulariser, ESS Eq. 7) and, at
+inference, each pixel's nearest class (the prediction). A full N x C distance matrix is exactly
+what ESS avoids, so every search here works in tiles whose size is set by a byte budget:
 
     dist(q, c) ~ ||c||^2 - 2 q.c          (||q||^2 is the same for all c: it cannot change the order)
 
-Peak extra memory is about `budget_bytes` whatever N and C. The optional FAISS backend
-(`pip install 'scaleseg[faiss]'`; GPU FAISS where installed) returns the same neighbours.
+Exact search (`nearest_classes`, the torch backend), on distance tiles (one `addmm` each, sized
+to stay in cache). The k nearest of a query lie in the k groups of `_GROUP` consecutive classes
+with the smallest group minima (each minimum is a real distance, so the k-th smallest of them
+bounds the k-th nearest from above), so the selection never sorts a whole row:
+ * up to `_TWO_PASS_CLASSES` classes, per tile: the group minima (a vectorised `amin`), a top-k
+   over the k best groups' entries, then one merge of the tiles' k nearest;
+ * beyond, in two passes: the group minima of all classes first (one float per 64 classes and
+   query), then the k best groups' classes re-scored, once per query.
+The cost is the matmul plus one pass over its output, instead of a top-k over every tile and a
+running merge (`scaleseg bench speed` measures both against a large `torch.mm`).
+The FAISS backend (`pip install 'scaleseg[faiss]'`; GPU FAISS where installed) calls
+`IndexFlatIP` on large query blocks (FAISS tiles 4096 queries at a time internally) with the
+exact L2 order ([q, 1] . [c, -||c||^2 / 2]).
+
+Approximate search (`ClassIndex`, ESS supplementary C's "clustering the class embeddings"): k-means
+clusters (inverted lists) of the class table, refreshed as the table learns; a query scores only
+the classes of its `probes` nearest clusters, with their current embeddings. `index_recall`
+measures how many of the exact k nearest it returns.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaleseg.profiling import INDEX, section
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
-# bytes per cell of a (queries x classes) tile: the distance tile, the concatenation with the
-# running best values for the merge, and top-k's working copy (float32 each)
+# bytes per cell of a (queries x classes) tile: the distance tile, its group minima, and the
+# re-scored candidates (float32 each), with slack
 _BYTES_PER_CELL = 12
 _QUERY_TILE = 1024
+_CLASS_TILE = 4096
+_TILE_CELLS = 1024 * 4096  # cells of a distance tile: 16 MiB of float32, within this machine's L3
+_GROUP = 64  # classes per group whose minimum decides whether its classes are looked at
+_TWO_PASS_CLASSES = 16384  # from this many classes on: group minima of all classes first, then re-scoring
+_FAISS_BLOCK = 65536  # queries per FAISS call (>= its internal 4096-query block)
 
 
 def _check(queries: torch.Tensor, class_embeddings: torch.Tensor, k: int) -> None:
@@ -32,14 +59,18 @@ def _check(queries: torch.Tensor, class_embeddings: torch.Tensor, k: int) -> Non
         raise ValueError(f"k = {k} must be between 1 and the number of classes ({class_embeddings.shape[0]})")
 
 
+def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 where any input is float64 (gradient checks), float32 otherwise (also for bf16/fp16)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def tile_shape(num_queries: int, num_classes: int, k: int, budget_bytes: int) -> tuple[int, int]:
-    """(query rows, class columns) of one tile within the budget: all classes at once when that
-    leaves room for a reasonable number of queries, otherwise query tiles of 1024 rows."""
+    """(query rows, class columns) of one distance tile: about `_TILE_CELLS` cells (a tile that stays
+    in cache), at most `_CLASS_TILE` classes wide, and rows x (cols + k) x 12 bytes <= budget_bytes."""
     cells = max(budget_bytes // _BYTES_PER_CELL, 1)
-    if num_classes * min(num_queries, _QUERY_TILE) <= cells:
-        return max(1, min(num_queries, cells // num_classes)), num_classes
-    rows = max(1, min(num_queries, _QUERY_TILE, cells // max(k + 1, 1)))
-    return rows, max(1, min(num_classes, cells // rows - k))
+    cols = max(1, min(num_classes, _CLASS_TILE, cells // (2 * k + 2)))
+    rows = max(1, min(num_queries, cells // (cols + k), max(1, _TILE_CELLS // cols)))
+    return rows, cols
 
 
 @torch.no_grad()
@@ -50,63 +81,335 @@ def nearest_classes(
     *,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     backend: str = "torch",
+    index: "ClassIndex | None" = None,
 ) -> torch.Tensor:
     """Indices (N, k) int64 of the k nearest rows of `class_embeddings` (C, d) to each row of
-    `queries` (N, d) by L2 distance, nearest first. Exact; no gradient; memory bounded by
-    `budget_bytes` (torch backend) whatever N and C."""
+    `queries` (N, d) by L2 distance, nearest first. No gradient; memory bounded by `budget_bytes`
+    (torch backend) whatever N and C. Exact, unless `index` (a built `ClassIndex` over these
+    classes) is given: then approximate, searching its nearest clusters only."""
     _check(queries, class_embeddings, k)
+    if index is not None and index.is_built():
+        return index.search(queries, class_embeddings, k, budget_bytes=budget_bytes, backend=backend)
     if backend == "faiss":
-        return _faiss_nearest(queries, class_embeddings, k, budget_bytes)
+        return _faiss_nearest(queries, class_embeddings, k)
     if backend != "torch":
         raise ValueError(f"unknown search backend {backend!r}; use 'torch' or 'faiss'")
-    q = queries.detach().float()
-    c = class_embeddings.detach().float()
+    dtype = _work_dtype(queries, class_embeddings)
+    return _exact_torch(queries.detach().to(dtype), class_embeddings.detach().to(dtype), k, budget_bytes)
+
+
+def _exact_torch(q: torch.Tensor, c: torch.Tensor, k: int, budget_bytes: int) -> torch.Tensor:
     n, C = q.shape[0], c.shape[0]
     out = torch.empty((n, k), dtype=torch.int64, device=q.device)
     if n == 0:
         return out
-    rows, cols = tile_shape(n, C, k, budget_bytes)
+    if C > _TWO_PASS_CLASSES:
+        return _exact_two_pass(q, c, k, budget_bytes, out)
     c_sq = c.pow(2).sum(1)  # (C,)
+    rows, cols = tile_shape(n, C, k, budget_bytes)
+    tiles = -(-C // cols)
     for r0 in range(0, n, rows):
-        q_tile = q[r0 : r0 + rows]  # (r, d)
-        best_val = best_idx = None
+        qt = q[r0 : r0 + rows]  # (r, d)
+        found_val, found_idx = [], []
         for c0 in range(0, C, cols):
-            dist = torch.addmm(c_sq[c0 : c0 + cols], q_tile, c[c0 : c0 + cols].T, alpha=-2.0)  # (r, cols)
-            if best_val is None:
-                kk = min(k, dist.shape[1])
-                best_val, best_idx = dist.topk(kk, dim=1, largest=False, sorted=True)
-                continue
-            # merge the running best with this tile: positions < kk are old, the rest new
-            merged = torch.cat([best_val, dist], dim=1)
-            kk = min(k, merged.shape[1])
-            best_val, pos = merged.topk(kk, dim=1, largest=False, sorted=True)
-            old = best_idx.gather(1, pos.clamp(max=best_idx.shape[1] - 1))
-            best_idx = torch.where(pos < best_idx.shape[1], old, pos - best_idx.shape[1] + c0)
-        out[r0 : r0 + rows] = best_idx
+            dist = torch.addmm(c_sq[c0 : c0 + cols], qt, c[c0 : c0 + cols].T, alpha=-2.0)  # (r, w)
+            val, idx = _tile_topk(dist, k)
+            found_val.append(val)
+            found_idx.append(idx + c0 if c0 else idx)
+        val = found_val[0] if tiles == 1 else torch.cat(found_val, dim=1)  # the tiles' k nearest
+        idx = found_idx[0] if tiles == 1 else torch.cat(found_idx, dim=1)
+        out[r0 : r0 + rows] = idx.gather(1, val.topk(k, dim=1, largest=False, sorted=True).indices)
     return out
 
 
-def _faiss_nearest(queries: torch.Tensor, class_embeddings: torch.Tensor, k: int, budget_bytes: int) -> torch.Tensor:
+def _tile_topk(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest entries (unsorted) of each row of a distance tile (r, w) and their columns.
+
+    Wide tiles in two steps: the minimum of every group of `_GROUP` columns (a vectorised pass, no
+    sorting), then a top-k over the k groups with the smallest minima only, which hold the row's k
+    smallest entries (each group minimum is an entry, so the k-th smallest of them is an upper bound)."""
+    r, w = dist.shape
+    kk = min(k, w)
+    if w <= 2 * k * _GROUP:
+        return dist.topk(kk, dim=1, largest=False, sorted=False)
+    if w % _GROUP:  # pad the last group with +inf
+        dist = F.pad(dist, (0, _GROUP - w % _GROUP), value=math.inf)
+    groups = dist.shape[1] // _GROUP
+    best = dist.view(r, groups, _GROUP).amin(dim=2).topk(kk, dim=1, largest=False, sorted=False).indices  # (r, k)
+    rows = (best + torch.arange(r, device=dist.device)[:, None] * groups).view(-1)  # the groups as rows of G
+    vals = dist.view(r * groups, _GROUP).index_select(0, rows).view(r, kk * _GROUP)  # (r, k G)
+    val, pos = vals.topk(kk, dim=1, largest=False, sorted=False)
+    return val, best.gather(1, pos // _GROUP) * _GROUP + pos % _GROUP
+
+
+def _exact_two_pass(q: torch.Tensor, c: torch.Tensor, k: int, budget_bytes: int, out: torch.Tensor) -> torch.Tensor:
+    """Many classes: pass 1 keeps only the group minima of every tile, (r, C / G) per query tile;
+    pass 2 re-scores the k groups with the smallest minima (k G classes per query), once."""
+    n, C = q.shape[0], c.shape[0]
+    c_sq = c.pow(2).sum(1)
+    _, cols = tile_shape(n, C, k, budget_bytes)
+    cols = max(_GROUP, cols - cols % _GROUP)  # whole groups per tile
+    groups = -(-C // _GROUP)
+    kg = min(k, groups)
+    offsets = torch.arange(_GROUP, device=q.device)
+    per_row = 4 * (2 * cols + groups + kg * _GROUP * (c.shape[1] + 3) + 3 * k)
+    rows = max(1, min(n, _QUERY_TILE, budget_bytes // per_row))
+    for r0 in range(0, n, rows):
+        qt = q[r0 : r0 + rows]  # (r, d)
+        r = qt.shape[0]
+        minima = torch.empty((r, groups), dtype=q.dtype, device=q.device)  # (r, C / G)
+        for c0 in range(0, C, cols):
+            dist = torch.addmm(c_sq[c0 : c0 + cols], qt, c[c0 : c0 + cols].T, alpha=-2.0)  # (r, <= cols)
+            width = dist.shape[1]
+            if width % _GROUP:  # the last tile: pad its last group with +inf
+                dist = F.pad(dist, (0, _GROUP - width % _GROUP), value=math.inf)
+            g0 = c0 // _GROUP
+            minima[:, g0 : g0 + dist.shape[1] // _GROUP] = dist.view(r, -1, _GROUP).amin(dim=2)
+        best_groups = minima.topk(kg, dim=1, largest=False, sorted=False).indices  # (r, kg)
+        ids = (best_groups[:, :, None] * _GROUP + offsets).view(r, -1)  # (r, kg * G)
+        padding = ids >= C
+        ids.clamp_(max=C - 1)
+        flat = ids.view(-1)
+        dist = torch.baddbmm(c_sq.index_select(0, flat).view(r, -1, 1), c.index_select(0, flat).view(r, -1, c.shape[1]),
+                             qt.unsqueeze(2), alpha=-2.0).squeeze(2)  # (r, kg * G): pass 1's candidates re-scored
+        dist.masked_fill_(padding, math.inf)
+        pos = dist.topk(k, dim=1, largest=False, sorted=True).indices
+        out[r0 : r0 + r] = ids.gather(1, pos)
+    return out
+
+
+def _faiss():
     try:
         import faiss
     except ImportError:
         raise ImportError("the FAISS search backend needs faiss: pip install 'scaleseg[faiss]' (or faiss-gpu)") from None
+    return faiss
+
+
+def _augmented(x, ones: bool):
+    """Rows of x with one more column, so that FAISS's inner product gives the L2 order:
+    queries [q, 1], classes [c, -||c||^2 / 2]  =>  [q, 1] . [c, -||c||^2/2] = q.c - ||c||^2 / 2."""
     import numpy as np
 
+    x = x.detach().float().cpu()
+    extra = torch.ones(x.shape[0], 1) if ones else -0.5 * x.pow(2).sum(1, keepdim=True)
+    return np.ascontiguousarray(torch.cat([x, extra], dim=1).numpy())
+
+
+def _faiss_nearest(queries: torch.Tensor, class_embeddings: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact search with FAISS's flat inner-product index, on query blocks of `_FAISS_BLOCK`."""
+    faiss = _faiss()
     device = queries.device
-    c = np.ascontiguousarray(class_embeddings.detach().float().cpu().numpy())
-    index = faiss.IndexFlatL2(c.shape[1])
+    c = _augmented(class_embeddings, ones=False)
+    index = faiss.IndexFlatIP(c.shape[1])
     if device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, index)
     index.add(c)
     n = queries.shape[0]
     out = torch.empty((n, k), dtype=torch.int64)
-    rows = max(1, budget_bytes // (4 * (c.shape[0] + c.shape[1] + k)))  # FAISS tiles internally too
-    for r0 in range(0, n, rows):
-        q = np.ascontiguousarray(queries[r0 : r0 + rows].detach().float().cpu().numpy())
-        _, idx = index.search(q, k)
-        out[r0 : r0 + rows] = torch.from_numpy(idx)
+    for r0 in range(0, n, _FAISS_BLOCK):
+        _, idx = index.search(_augmented(queries[r0 : r0 + _FAISS_BLOCK], ones=True), k)
+        out[r0 : r0 + _FAISS_BLOCK] = torch.from_numpy(idx)
     return out.to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# k-means and the approximate class index
+
+
+def auto_clusters(num_classes: int) -> int:
+    """The default number of clusters of the class index: about sqrt(C) (FAISS's rule of thumb for
+    an IVF index), so a query scores ~sqrt(C) centroids plus `probes` clusters of ~sqrt(C) classes."""
+    return max(1, min(num_classes, round(math.sqrt(num_classes))))
+
+
+@torch.no_grad()
+def kmeans(
+    points: torch.Tensor, num_clusters: int, iters: int, *, init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> torch.Tensor:
+    """Lloyd's k-means of points (C, d): centroids (L, d). Starts from `init` (warm start) or from L
+    distinct points drawn with `generator`; an empty cluster is re-seeded with a point drawn the
+    same way. Each iteration is one exact nearest-centroid search (bounded memory)."""
+    C, d = points.shape
+    L = min(num_clusters, C)
+    x = points.detach().to(_work_dtype(points))
+    if init is None:
+        centroids = x[torch.randperm(C, generator=generator, device="cpu")[:L].to(x.device)].clone()
+    else:
+        centroids = init.detach().to(x.dtype).clone()
+    for _ in range(iters):
+        assign = nearest_classes(x, centroids, 1, budget_bytes=budget_bytes)[:, 0]  # (C,)
+        counts = torch.bincount(assign, minlength=L)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None].to(x.dtype)
+        empty = int((~filled).sum())
+        if empty:
+            centroids[~filled] = x[torch.randint(0, C, (empty,), generator=generator).to(x.device)]
+    return centroids
+
+
+class ClassIndex(nn.Module):
+    """An approximate nearest-class index over the C x d class table (IVF: k-means clusters).
+
+    State (buffers, so it is in every checkpoint and a resumed run searches exactly as an
+    uninterrupted one would):
+        centroids (L, d)     the cluster centres at the last refresh
+        order (C,) int32     class ids sorted by cluster; cluster l holds order[offsets[l]:offsets[l+1]]
+        offsets (L + 1,)     int64
+        steps ()             training steps seen by `step` (0 = never built)
+    `step(classes)` is called once per training step: it builds the index at the first step and
+    refreshes it every `refresh` steps (k-means warm-started from the current centroids, `refresh_iters`
+    Lloyd iterations, then every class re-assigned). Between refreshes the clusters are those of the
+    last refresh while the classes' embeddings are always the current ones: a class that has moved
+    into another cluster's region is still found by queries probing its old cluster.
+    `search` scores the classes of each query's `probes` nearest clusters and returns the k nearest
+    among them; queries whose probed clusters hold fewer than k classes fall back to the exact search.
+    """
+
+    def __init__(self, num_classes: int, embed_dim: int, clusters: int = 0, probes: int = 8,
+                 refresh: int = 100, build_iters: int = 10, refresh_iters: int = 1, seed: int = 0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_clusters = clusters or auto_clusters(num_classes)
+        self.probes = min(probes, self.num_clusters)
+        self.refresh, self.build_iters, self.refresh_iters, self.seed = refresh, build_iters, refresh_iters, seed
+        self.register_buffer("centroids", torch.zeros(self.num_clusters, embed_dim))
+        self.register_buffer("order", torch.zeros(num_classes, dtype=torch.int32))
+        self.register_buffer("offsets", torch.zeros(self.num_clusters + 1, dtype=torch.int64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def extra_repr(self) -> str:
+        return f"classes={self.num_classes}, clusters={self.num_clusters}, probes={self.probes}, refresh={self.refresh}"
+
+    def is_built(self) -> bool:
+        return int(self.offsets[-1]) == self.num_classes
+
+    @torch.no_grad()
+    def step(self, classes: torch.Tensor, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> bool:
+        """Count one training step; build or refresh the index when due. Returns whether it did."""
+        due = not self.is_built() or int(self.steps) % self.refresh == 0
+        if due:
+            self.rebuild(classes, budget_bytes)
+        self.steps += 1
+        return due
+
+    @torch.no_grad()
+    def rebuild(self, classes: torch.Tensor, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+        """k-means of the current class embeddings (C, d) and the inverted lists."""
+        with section(INDEX):
+            x = classes.detach().float()
+            generator = torch.Generator().manual_seed(self.seed + int(self.steps))
+            if self.is_built():
+                centroids = kmeans(x, self.num_clusters, self.refresh_iters, init=self.centroids,
+                                   generator=generator, budget_bytes=budget_bytes)
+            else:  # first build: Lloyd on a sample of up to 64 points per cluster, then all points
+                sample = x
+                if x.shape[0] > 64 * self.num_clusters:
+                    sample = x[torch.randperm(x.shape[0], generator=generator)[: 64 * self.num_clusters].to(x.device)]
+                centroids = kmeans(sample, self.num_clusters, self.build_iters, generator=generator,
+                                   budget_bytes=budget_bytes)
+                centroids = kmeans(x, self.num_clusters, 1, init=centroids, generator=generator,
+                                   budget_bytes=budget_bytes)
+            assign = nearest_classes(x, centroids, 1, budget_bytes=budget_bytes)[:, 0]
+            self.centroids.copy_(centroids)
+            self.order.copy_(torch.argsort(assign, stable=True))
+            self.offsets[1:] = torch.cumsum(torch.bincount(assign, minlength=self.num_clusters), 0)
+            self.offsets[0] = 0
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, classes: torch.Tensor, k: int, *,
+               budget_bytes: int = DEFAULT_BUDGET_BYTES, backend: str = "torch", probes: int | None = None) -> torch.Tensor:
+        """(N, k) int64: the k nearest classes of each query among its `probes` (default: the
+        index's) nearest clusters, scored with the current `classes` (C, d), nearest first."""
+        _check(queries, classes, k)
+        if not self.is_built():
+            raise RuntimeError("the class index is not built yet: call step() or rebuild() first")
+        p = min(probes or self.probes, self.num_clusters)
+        if backend == "faiss":
+            return self._search_faiss(queries, classes, k, p)
+        dtype = _work_dtype(queries, classes)
+        q, c = queries.detach().to(dtype), classes.detach().to(dtype)
+        n = q.shape[0]
+        out = torch.empty((n, k), dtype=torch.int64, device=q.device)
+        per_query = 4 * p * (6 * k + q.shape[1] + 2) + 4 * self.num_clusters  # pair results, grouped queries
+        rows = max(1, min(n, budget_bytes // max(per_query, 1)))
+        for r0 in range(0, n, rows):
+            out[r0 : r0 + rows] = self._search_block(q[r0 : r0 + rows], c, k, p, budget_bytes)
+        return out
+
+    def _search_block(self, q: torch.Tensor, c: torch.Tensor, k: int, p: int, budget_bytes: int) -> torch.Tensor:
+        n = q.shape[0]
+        probe = nearest_classes(q, self.centroids.to(q.dtype), p, budget_bytes=budget_bytes)  # (n, p)
+        flat = probe.reshape(-1)  # (n p,): the cluster of each (query, probe) pair
+        pairs = torch.argsort(flat, stable=True)  # pair positions grouped by cluster
+        grouped = q.index_select(0, pairs // p)  # (n p, d): the pairs' queries, cluster by cluster
+        counts = torch.bincount(flat, minlength=self.num_clusters).tolist()
+        offsets = self.offsets.tolist()
+        order = self.order.long()
+        members = c.index_select(0, order)  # (C, d): the classes cluster by cluster (current embeddings)
+        members_sq = members.pow(2).sum(1)
+        val = torch.full((n * p, k), math.inf, dtype=q.dtype, device=q.device)  # in grouped order
+        pos = torch.zeros((n * p, k), dtype=torch.int64, device=q.device)  # positions in `order`
+        start = 0
+        for cluster, count in enumerate(counts):
+            if not count:
+                continue
+            m0, m1 = offsets[cluster], offsets[cluster + 1]
+            if m1 > m0:
+                dist = torch.addmm(members_sq[m0:m1], grouped[start : start + count], members[m0:m1].T, alpha=-2.0)
+                kk = min(k, m1 - m0)
+                v, i = _tile_topk(dist, k)  # (count, kk)
+                val[start : start + count, :kk] = v
+                pos[start : start + count, :kk] = i + m0
+            start += count
+        ungrouped_val = torch.empty_like(val)
+        ungrouped_val[pairs] = val
+        ungrouped_pos = torch.empty_like(pos)
+        ungrouped_pos[pairs] = pos
+        best, where = ungrouped_val.view(n, p * k).topk(k, dim=1, largest=False, sorted=True)
+        ids = order[ungrouped_pos.view(n, p * k).gather(1, where)]
+        short = torch.isinf(best[:, -1])  # fewer than k classes in the probed clusters
+        if bool(short.any()):
+            ids[short] = nearest_classes(q[short], c, k, budget_bytes=budget_bytes)
+        return ids
+
+    def _search_faiss(self, queries: torch.Tensor, classes: torch.Tensor, k: int, probes: int) -> torch.Tensor:
+        """The same clusters in a FAISS `IndexIVFFlat` (L2) filled with the current embeddings."""
+        faiss = _faiss()
+        import numpy as np
+
+        d = classes.shape[1]
+        quantizer = faiss.IndexFlatL2(d)
+        quantizer.add(np.ascontiguousarray(self.centroids.float().cpu().numpy()))
+        index = faiss.IndexIVFFlat(quantizer, d, self.num_clusters, faiss.METRIC_L2)
+        index.is_trained = True
+        order = self.order.long().cpu()
+        cluster_of = torch.repeat_interleave(torch.arange(self.num_clusters), torch.diff(self.offsets.cpu()))
+        x = np.ascontiguousarray(classes.detach().float().cpu()[order].numpy())
+        ids = np.ascontiguousarray(order.numpy().astype(np.int64))
+        assign = np.ascontiguousarray(cluster_of.numpy().astype(np.int64))
+        index.add_core(x.shape[0], faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
+        index.nprobe = probes
+        n = queries.shape[0]
+        out = torch.empty((n, k), dtype=torch.int64)
+        for r0 in range(0, n, _FAISS_BLOCK):
+            qb = np.ascontiguousarray(queries[r0 : r0 + _FAISS_BLOCK].detach().float().cpu().numpy())
+            _, idx = index.search(qb, k)
+            out[r0 : r0 + _FAISS_BLOCK] = torch.from_numpy(idx)
+        short = (out < 0).any(dim=1)
+        if bool(short.any()):
+            out[short] = nearest_classes(queries[short].cpu(), classes.cpu(), k)
+        return out.to(queries.device)
+
+
+@torch.no_grad()
+def index_recall(found: torch.Tensor, exact: torch.Tensor) -> float:
+    """Recall of an approximate search: the fraction of the exact k nearest (N, k) that the
+    approximate result (N, k) also holds, over all queries."""
+    hits = (found.unsqueeze(2) == exact.unsqueeze(1)).any(dim=1)  # (N, k): exact neighbour j found?
+    return float(hits.float().mean())
 
 
 def nearest_class(

@@ -46,15 +46,15 @@ def test_never_materialises_pixels_by_classes():
     x = F.normalize(torch.randn(n, 12, generator=g), dim=1).requires_grad_()
     E = F.normalize(torch.randn(C, 12, generator=g), dim=1).requires_grad_()
     t = torch.randint(0, C, (n,), generator=g)
-    with LargestTensor() as probe:
-        full_cross_entropy(x, E, t, budget_bytes=2**22).backward()
+    with LargestTensor() as probe:  # our tiles (PyTorch's chunked linear CE is one opaque op to the probe)
+        full_cross_entropy(x, E, t, budget_bytes=2**22, implementation="tiled").backward()
     assert "aten.addmm" in probe.ops  # the tiles were computed under the probe, backward included
     assert probe.numel <= max(2**22 // 4, C * 12) and probe.numel < n * C / 50
 
 
 def test_all_ignored_and_bad_target():
     x, E = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
-    loss = full_cross_entropy(x, E, torch.full((4,), 255))
+    loss = full_cross_entropy(x, E, torch.full((4,), 255), ignore_index=255)
     assert loss.item() == 0.0
     loss.backward()
     assert not x.grad.any()

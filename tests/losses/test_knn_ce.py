@@ -84,13 +84,13 @@ def test_random_negatives_are_distinct_uniform_non_targets():
 
 def test_random_negatives_loss_uses_k_plus_one_logits():
     x, E, t = make_case()
-    loss = knn_cross_entropy(x, E, t, 5, negatives="random", generator=torch.Generator().manual_seed(0))
+    loss = knn_cross_entropy(x, E, t, 5, ignore_index=255, negatives="random", generator=torch.Generator().manual_seed(0))
     assert math.isfinite(loss.item()) and loss.item() > 0
 
 
 def test_all_ignored_gives_zero_with_zero_gradient():
     x, E = torch.randn(5, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
-    loss = knn_cross_entropy(x, E, torch.full((5,), 255), 3)
+    loss = knn_cross_entropy(x, E, torch.full((5,), 255), 3, ignore_index=255)
     assert loss.item() == 0.0
     loss.backward()
     assert not x.grad.any() and not E.grad.any()
@@ -101,7 +101,7 @@ def test_ignored_pixels_are_not_searched():
     t[:] = 255
     t[:3] = 1
     with LargestTensor() as probe:
-        knn_cross_entropy(x, E, t, 4)
+        knn_cross_entropy(x, E, t, 4, ignore_index=255)
     # the search saw 3 pixels, not 200: no tensor as large as 200 x C
     assert probe.numel < 200 * E.shape[0]
 
@@ -109,10 +109,10 @@ def test_ignored_pixels_are_not_searched():
 def test_argument_errors():
     x, E, t = make_case()
     with pytest.raises(ValueError, match="k = 30"):
-        knn_cross_entropy(x, E, t, 30)
+        knn_cross_entropy(x, E, t, 30, ignore_index=255)
     with pytest.raises(ValueError, match="distance"):
-        knn_cross_entropy(x, E, t, 3, distance="cosine")
+        knn_cross_entropy(x, E, t, 3, ignore_index=255, distance="cosine")
     bad = t.clone()
     bad[0] = 77
     with pytest.raises(ValueError, match="target value 77"):
-        knn_cross_entropy(x, E, bad, 3)
+        knn_cross_entropy(x, E, bad, 3, ignore_index=255)

@@ -113,6 +113,7 @@ def test_one_training_step_at_100k_classes_never_builds_c_by_pixels(loss):
     model, cfg = embedding_model(
         C, f"model.head.embedding.loss={loss}", "model.head.loss_resolution=full",
         "model.head.embedding.search_budget_mb=16",
+        "model.head.embedding.search_index=auto",  # the class index at 100,000: no exact C x C refresh (minutes)
     )
     opt = build_optimizer(model, cfg.optim)
     images, target = torch.randn(B, 3, H, W), torch.randint(0, C, (B, H, W))

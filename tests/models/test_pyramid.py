@@ -467,6 +467,7 @@ def test_pyramid_with_embedding_scorer_never_builds_c_by_pixels(loss):
     model, cfg = pyramid_model(
         C, "model.head.scorer=embedding", f"model.head.embedding.loss={loss}", "model.head.loss_resolution=full",
         "model.head.embedding.search_budget_mb=16",
+        "model.head.embedding.search_index=auto",  # the class index at 100,000: no exact C x C refresh (minutes)
     )
     opt = build_optimizer(model, cfg.optim)
     images, target = torch.randn(B, 3, H, W), torch.randint(0, C, (B, H, W))

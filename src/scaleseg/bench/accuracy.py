@@ -1,4 +1,5 @@
-"""Accuracy of the head variants (ESS paper Table 3's ablations) after the same short training.
+"""Accuracy of the head variants (ESS paper Table 3's ablations, and the cheaper hard negatives and
+cached regulariser of ESS supplementary C) after the same short training.
 
 Every (variant, C, seed) is one ordinary training run (`scaleseg.engine.trainer.Trainer`) on the
 built-in `synthetic` dataset, in its own work dir under `--out`, one after another. A variant is
@@ -9,7 +10,13 @@ The ESS variants use the ESS settings of configs/synthetic/ess.yaml (d 32, k 7, 
 table at 30x the base LR, 100 warm-up iterations, gradient clipping at 5; a test keeps the two in
 step) and the baseline the same warm-up and clipping, so each comparison is at the same settings.
 
-Outputs in `--out`: accuracy.json (every run's record, the settings, the reproducing command),
+The supplementary-C variants (`ess-exact` ... `ess-fast`) differ from `ess-exact` (exact search
+per pixel, exact regulariser every step, whatever the defaults) in one setting each, or all of them
+together (`ess-fast`). They use the runs' loss resolution (the stride-4 decoder grid by default;
+`--set model.head.loss_resolution=full` for the paper's, where a block of s x s pixels sharing one
+search is the supplementary's "0.25 or 0.125 fractions of total pixels").
+
+Outputs in `--out`: accuracy.json (every run's record with its wall-clock seconds, the settings, the reproducing command),
 accuracy.md (mIoU table: rows variants, columns C, cells mean (min..max) over seeds; then every
 metric) and accuracy.png (mIoU per variant grouped by C). A run that fails is recorded with its
 error and the benchmark goes on.
@@ -18,6 +25,7 @@ error and the benchmark goes on.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from scaleseg.errors import ScalesegError
@@ -50,7 +58,25 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ess-nomargin": ("ESS kNN loss without the max-margin regulariser (margin_weight 0)",
                      [*_ESS_KNN, "model.head.embedding.margin_weight=0"]),
 }
-DEFAULT_VARIANTS = tuple(VARIANTS)
+# ESS supplementary C's remedies, each against the exact reference
+_EXACT = [*_ESS_KNN, "model.head.embedding.search_block=1", "model.head.embedding.search_index=exact",
+          "model.head.embedding.margin_refresh=1"]
+VARIANTS.update({
+    "ess-exact": ("ESS kNN: exact search for every loss pixel, exact regulariser every step", _EXACT),
+    "ess-cached": ("ess-exact with the regulariser's nearest-class pairs cached, refreshed every 100 steps",
+                   [*_EXACT, "model.head.embedding.margin_refresh=100"]),
+    "ess-block2": ("ess-exact with one search per 2 x 2 block of pixels, shared by the block",
+                   [*_EXACT, "model.head.embedding.search_block=2"]),
+    "ess-block4": ("ess-exact with one search per 4 x 4 block of pixels, shared by the block",
+                   [*_EXACT, "model.head.embedding.search_block=4"]),
+    "ess-ivf": ("ess-exact with the approximate class index (k-means, sqrt(C) clusters, 8 probed)",
+                [*_EXACT, "model.head.embedding.search_index=ivf"]),
+    "ess-fast": ("ess-exact with all three: 4 x 4 blocks, the class index, the cached regulariser",
+                 [*_EXACT, "model.head.embedding.search_block=4", "model.head.embedding.search_index=ivf",
+                  "model.head.embedding.margin_refresh=100"]),
+})
+ABLATIONS = ("baseline", "ess-knn", "ess-full", "ess-random", "ess-nonorm", "ess-nomargin")
+DEFAULT_VARIANTS = ABLATIONS
 DEFAULT_CLASSES = (150, 1000)
 DEFAULT_SEEDS = (0,)
 DEFAULT_ITERS = 300
@@ -160,24 +186,37 @@ def run_benchmark(args, train=train_one) -> list[dict]:
         work_dir = out / name
         cfg.work_dir = str(work_dir)
         record = {"variant": variant, "num_classes": c, "seed": seed, "work_dir": str(work_dir)}
+        start = time.perf_counter()
         try:
             metrics = train(cfg, work_dir)
             final = work_dir / "eval" / f"iter_{cfg.train.iters:06d}" / "metrics.json"
             record.update(status="ok", **{k: metrics.get(k) for k in METRICS}, metrics_file=str(final))
         except Exception as exc:  # noqa: BLE001 - a failed run is a result, not the end of the benchmark
             record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+        record["seconds"] = round(time.perf_counter() - start, 1)
         records.append(record)
-    settings = {
+        _write(out, records, args, summary=None)  # partial results, readable while a long benchmark runs
+    settings = _settings(args)
+    summary = aggregate(records, args.variants, args.classes)
+    _write(out, records, args, summary)
+    (out / "accuracy.md").write_text(format_report(summary, args.variants, args.classes, settings) + "\n")
+    plot(summary, args.variants, args.classes, out / "accuracy.png", settings)
+    return records
+
+
+def _settings(args) -> dict:
+    return {
         "variants": {v: VARIANTS[v][1] for v in args.variants}, "classes": list(args.classes),
         "seeds": list(args.seeds), "iters": args.iters or DEFAULT_ITERS, "shared_overrides": SETTINGS,
         "extra_overrides": list(args.set or []), "command": command_line(args),
     }
-    summary = aggregate(records, args.variants, args.classes)
-    (out / "accuracy.json").write_text(
-        json.dumps({"settings": settings, "summary": summary, "records": records}, indent=2) + "\n")
-    (out / "accuracy.md").write_text(format_report(summary, args.variants, args.classes, settings) + "\n")
-    plot(summary, args.variants, args.classes, out / "accuracy.png", settings)
-    return records
+
+
+def _write(out: Path, records: list[dict], args, summary: list[dict] | None) -> None:
+    report = {"settings": _settings(args), "records": records}
+    if summary is not None:
+        report["summary"] = summary
+    (out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def aggregate(records: list[dict], variants, classes) -> list[dict]:
@@ -187,7 +226,8 @@ def aggregate(records: list[dict], variants, classes) -> list[dict]:
         for c in classes:
             runs = [r for r in records if r["variant"] == v and r["num_classes"] == c]
             ok = [r for r in runs if r["status"] == "ok"]
-            row = {"variant": v, "num_classes": c, "runs": len(runs), "ok": len(ok)}
+            row = {"variant": v, "num_classes": c, "runs": len(runs), "ok": len(ok),
+                   "seconds": round(sum(r["seconds"] for r in ok) / len(ok), 1) if ok and "seconds" in ok[0] else None}
             for k in METRICS:
                 values = [r[k] for r in ok if r.get(k) is not None]
                 row[k] = ({"mean": round(sum(values) / len(values), 2), "min": min(values), "max": max(values)}
@@ -222,10 +262,12 @@ def format_report(summary: list[dict], variants, classes, settings: dict) -> str
     lines = [format_table(summary, variants, classes), "",
              f"mIoU (%) after {settings['iters']} iterations, mean over seeds {','.join(map(str, seeds))}"
              + (" (min..max)" if len(seeds) > 1 else "") + ". All metrics:", "",
-             "| variant | C | " + " | ".join(METRICS) + " | runs ok |", "| --- | --- |" + " --- |" * (len(METRICS) + 1)]
+             "| variant | C | " + " | ".join(METRICS) + " | runs ok | seconds per run |",
+             "| --- | --- |" + " --- |" * (len(METRICS) + 2)]
     for row in summary:
+        seconds = f"{row['seconds']:,.0f}" if row.get("seconds") is not None else "-"
         lines.append(f"| {row['variant']} | {row['num_classes']:,} | "
-                     + " | ".join(_cell(row, k) for k in METRICS) + f" | {row['ok']}/{row['runs']} |")
+                     + " | ".join(_cell(row, k) for k in METRICS) + f" | {row['ok']}/{row['runs']} | {seconds} |")
     lines += ["", f"Command: `{settings['command']}`"]
     return "\n".join(lines)
 

@@ -9,7 +9,8 @@ loss, backward, optimizer; the first step allocates the momentum buffers) and re
   right after model creation (the training step's own memory).
 
 A configuration that runs out of memory (CUDA OOM, a failed CPU allocation under the per-process
-address-space limit, or a process killed by the kernel) is recorded as such, not as a crash.
+address-space limit, or a process killed by the kernel) is recorded as such, not as a crash
+(`scaleseg.bench.harness`, the child-process harness shared with `bench speed`).
 
 With `--max-batch BUDGET_GB` it also finds, for each (head, C), the largest batch whose training
 step fits the budget (ESS paper Figure 1 / Table 6): batches 2, 4, 8, ... until one does not fit
@@ -23,26 +24,45 @@ image-pooling branch needs 2 images, so a configuration where batch 2 does not f
 from __future__ import annotations
 
 import json
-import os
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+from scaleseg.bench.harness import run_child
 from scaleseg.errors import ScalesegError
 
+_ESS = ["model.head.scorer=embedding"]
+# ESS as published: exact search for every pixel, the exact regulariser (ESS Eq. 7) at every step
+_EXACT = ["model.head.embedding.search_block=1", "model.head.embedding.search_index=exact",
+          "model.head.embedding.margin_refresh=1"]
+_CACHED = ["model.head.embedding.margin_refresh=100"]  # the regulariser's nearest-class pairs refreshed every 100 steps
 HEADS = {
     "baseline": ["model.head.scorer=linear"],
-    "ess-knn": ["model.head.scorer=embedding", "model.head.embedding.loss=knn"],
-    "ess-full": ["model.head.scorer=embedding", "model.head.embedding.loss=full"],
+    "ess-knn": [*_ESS, "model.head.embedding.loss=knn", *_EXACT],
+    "ess-full": [*_ESS, "model.head.embedding.loss=full", *_EXACT],
+    # ESS supplementary C's remedies, added one by one: the cached regulariser (without it the exact
+    # Eq. 7 is a C x C search every step), then the search per 2 x 2 or 4 x 4 block of pixels, or
+    # through the class index, then both
+    "ess-knn-cached": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, *_CACHED],
+    "ess-knn-cached-block2": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, *_CACHED,
+                              "model.head.embedding.search_block=2"],
+    "ess-knn-cached-block4": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, *_CACHED,
+                              "model.head.embedding.search_block=4"],
+    "ess-knn-cached-ivf": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, *_CACHED,
+                           "model.head.embedding.search_index=ivf"],
+    "ess-knn-fast": [*_ESS, "model.head.embedding.loss=knn", *_EXACT, *_CACHED, "model.head.embedding.search_block=4",
+                     "model.head.embedding.search_index=ivf"],
+    # the exact loss with the cached regulariser
+    "ess-full-cached": [*_ESS, "model.head.embedding.loss=full", *_EXACT, *_CACHED],
+    # the library's defaults for the embedding scorer, whatever they are
+    "ess-default": [*_ESS],
     # Specialize and Fuse's pyramid (strides 4-32, D_u 64, D_s 512, contextual module) on the same decoder
     "pyramid-linear": ["model.head.structure=pyramid", "model.head.scorer=linear"],
-    "pyramid-ess": ["model.head.structure=pyramid", "model.head.scorer=embedding", "model.head.embedding.loss=knn"],
+    "pyramid-ess": ["model.head.structure=pyramid", *_ESS, "model.head.embedding.loss=knn", *_EXACT],
 }
 # heads whose loss runs the nearest-class search (timed separately by bench speed)
-KNN_HEADS = ("ess-knn", "pyramid-ess")
+KNN_HEADS = tuple(h for h, o in HEADS.items() if "model.head.scorer=embedding" in o
+                  and "model.head.embedding.loss=full" not in o)
 DEFAULT_CLASSES = (19, 150, 1284, 5000, 20000, 100000)
 
 
@@ -103,20 +123,19 @@ def measure(head: str, num_classes: int, backbone: str, batch: int, crop: int, d
     }
 
 
+def run_job(job: dict) -> dict:
+    """One configuration of `job` (a dict of measure's arguments), in this process (the harness's child)."""
+    return measure(job["head"], job["num_classes"], job["backbone"], job["batch"], job["crop"], job["device"],
+                   job["steps"], job["loss_resolution"], job["overrides"])
+
+
 def run_one_subprocess(head: str, num_classes: int, args, limit_gb: float | None, batch: int | None = None) -> dict:
     """Measure one configuration in a fresh interpreter (so peaks do not mix); `batch` defaults to args.batch."""
-    batch = args.batch if batch is None else batch
-    cmd = [sys.executable, "-m", "scaleseg.bench.memory", head, str(num_classes), args.backbone, str(batch),
-           str(args.crop), args.device, str(args.steps), args.loss_resolution, str(limit_gb or 0), *(args.set or [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    record = {"head": head, "num_classes": num_classes}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return {**record, **json.loads(lines[-1])}
-    if proc.returncode < 0:  # killed by a signal: the kernel's OOM killer sends SIGKILL
-        return {**record, "status": "killed", "detail": f"signal {-proc.returncode} (out of memory?)"}
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {**record, "status": "error", "detail": tail[:300]}
+    job = {"head": head, "num_classes": num_classes, "backbone": args.backbone,
+           "batch": args.batch if batch is None else batch, "crop": args.crop, "device": args.device,
+           "steps": args.steps, "loss_resolution": args.loss_resolution, "limit_gb": limit_gb or 0,
+           "overrides": list(args.set or [])}
+    return {"head": head, "num_classes": num_classes, **run_child("scaleseg.bench.memory:run_job", job)}
 
 
 MIN_BATCH = 2  # BatchNorm in the ASPP image-pooling branch needs two images
@@ -308,26 +327,3 @@ def plot(records: list[dict], heads: list[str], path: Path, meta: dict, max_batc
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _child_main(argv: list[str]) -> int:
-    head, num_classes, backbone, batch, crop, device, steps, loss_resolution, limit_gb, *overrides = argv
-    if float(limit_gb) > 0:  # CPU: a failed allocation (catchable) instead of the OOM killer
-        limit = int(float(limit_gb) * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:
-        record = measure(head, int(num_classes), backbone, int(batch), int(crop), device, int(steps), loss_resolution,
-                         overrides)
-    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-        text = str(exc)
-        if isinstance(exc, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text:
-            record = {"status": "oom", "detail": text.strip().splitlines()[0][:200]}
-        else:
-            raise
-    print(json.dumps(record), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    sys.exit(_child_main(sys.argv[1:]))

@@ -2,7 +2,10 @@
 
 Every mode averages the model's *dense* map (softmax probabilities for the linear scorer,
 unit pixel embeddings for the embedding scorer) and decides classes once at the end, so with an
-embedding scorer nothing of size C x H x W is ever built.
+embedding scorer nothing of size C x H x W is ever built. One view (whole image, one scale, no
+flip) is decided directly: the linear scorer's argmax then runs on its logits, without a softmax
+(`deciding_one_view`). Views are accumulated in place, in chunks of channels, so averaging holds
+one C x H x W sum plus one view.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from scaleseg.config import EvalConfig
+from scaleseg.models.heads.scorers import deciding_one_view
+
+_CHANNEL_CHUNK = 64  # channels per step when a view is flipped or resized into the running sum
 
 
 def _window_starts(size: int, crop: int, stride: int) -> list[int]:
@@ -54,6 +60,21 @@ def slide_dense_with_counts(
     return total / count, counts
 
 
+def _add_view(total: torch.Tensor | None, dense: torch.Tensor, flip: bool, size: tuple[int, int]) -> torch.Tensor:
+    """total += the view's dense map, un-flipped and resized to `size`, chunk of channels by chunk
+    (a flipped or resized copy of one chunk at a time, never of the whole map)."""
+    if total is None:
+        total = dense.new_zeros((dense.shape[0], dense.shape[1], *size))
+    for c0 in range(0, dense.shape[1], _CHANNEL_CHUNK):
+        part = dense[:, c0 : c0 + _CHANNEL_CHUNK]
+        if flip:
+            part = part.flip(-1)
+        if tuple(part.shape[-2:]) != tuple(size):
+            part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
+        total[:, c0 : c0 + _CHANNEL_CHUNK] += part
+    return total
+
+
 @torch.no_grad()
 def infer_dense(model, images: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
     """The averaged dense map at the input size (B, K, H, W) for the configured mode, scales, flip."""
@@ -79,18 +100,27 @@ def infer_dense_with_counts(model, images: torch.Tensor, cfg: EvalConfig) -> tup
             else:
                 dense, view_counts = model.dense_with_counts(view)
             _add_counts(counts, view_counts)
-            if flip:
-                dense = dense.flip(-1)
-            if dense.shape[-2:] != (H, W):
-                dense = F.interpolate(dense, size=(H, W), mode="bilinear", align_corners=False)
-            total = dense if total is None else total + dense
+            if total is None and not flip and dense.shape[-2:] == (H, W):
+                total = dense  # the first view is the running sum (dense maps are fresh tensors)
+            else:
+                total = _add_view(total, dense, flip, (H, W))
+            del dense
             views += 1
-    return total / views, counts
+    return (total.div_(views) if views > 1 else total), counts
+
+
+def is_one_view(cfg: EvalConfig) -> bool:
+    """The whole image at scale 1, no flip: nothing is averaged or resized."""
+    return cfg.mode == "whole" and tuple(cfg.scales) == (1.0,) and not cfg.flip
 
 
 @torch.no_grad()
 def predict_labels_with_counts(model, images: torch.Tensor, cfg: EvalConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Class ids (B, H, W) for normalised images (B, 3, H, W), and the head's counts over the views."""
+    if is_one_view(cfg):
+        with deciding_one_view():  # decided as it is: the linear scorer's logits, no softmax
+            dense, counts = model.dense_with_counts(images)
+            return model.decide(dense), counts
     dense, counts = infer_dense_with_counts(model, images, cfg)
     return model.decide(dense), counts
 

@@ -2,14 +2,23 @@
 
     L = mean_i [ logsumexp_c logit(x_i, mu_c) - logit(x_i, mu_{y_i}) ],   logit = -||x - mu||^2 / tau
 
-The N x C logits are never materialised: the log-sum-exp is computed over (pixels x classes)
-tiles sized by a byte budget, and its backward recomputes each tile (flash-attention style) with
-the analytic gradients
+The N x C logits are never materialised. Two implementations:
+
+* "linear" (squared distance, PyTorch with `F.linear_cross_entropy`, 2.13 and later): since
+      -||x - mu||^2 / tau = (2 x.mu - ||mu||^2) / tau - ||x||^2 / tau
+  and the last term is the same for every class (it cancels in the softmax), the loss is a linear
+  cross-entropy with weight 2E / tau and bias -||E||^2 / tau, which PyTorch computes in chunks of
+  pixels (`LinearCrossEntropyOptions(batch_chunk_size=...)`, sized by the byte budget), its
+  gradients precomputed in the forward pass: one matmul per chunk and direction.
+* "tiled" (any PyTorch >= 2.4, both distances, the reference): the log-sum-exp over (pixels x
+  classes) tiles sized by the budget, its backward recomputing each tile (flash-attention style)
+  with the analytic gradients
 
     squared:   d logit / dx = 2 (mu - x) / tau            d logit / d mu = 2 (x - mu) / tau
     euclidean: d logit / dx = (mu - x) / (tau ||x - mu||)  d logit / d mu = (x - mu) / (tau ||x - mu||)
 
-Works on any PyTorch >= 2.4 and for both distances and unnormalised embeddings (the ablation).
+"auto" takes "linear" where it applies. Both work for unnormalised embeddings (the ablation);
+float64 inputs are computed in float64 (gradient checks), others in float32.
 """
 
 from __future__ import annotations
@@ -18,7 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from scaleseg.losses.distances import EPS, check_distance, logits_from_squared, paired_logits
-from scaleseg.search import DEFAULT_BUDGET_BYTES
+from scaleseg.losses.knn_ce import DEFAULT_IGNORE_INDEX
+from scaleseg.search import DEFAULT_BUDGET_BYTES, _work_dtype
+
+IMPLEMENTATIONS = ("auto", "linear", "tiled")
+
+
+def has_linear_cross_entropy() -> bool:
+    """Whether this PyTorch has the chunked `F.linear_cross_entropy` (2.13 and later)."""
+    return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 _BYTES_PER_CELL = 16  # float32 tile of logits plus the probabilities / weights of the backward
 _ROW_TILE = 8192
@@ -85,17 +102,29 @@ def full_cross_entropy(
     class_embeddings: torch.Tensor,
     target: torch.Tensor,
     tau: float = 0.05,
-    ignore_index: int = 255,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
     distance: str = "squared",
     *,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    implementation: str = "auto",
 ) -> torch.Tensor:
     """Exact cross-entropy over all classes for pixel embeddings (N, d), class embeddings (C, d),
     targets (N,); equal to F.cross_entropy on the materialised logits. Mean over non-ignored
-    pixels; 0 with zero gradient when there are none."""
+    pixels; 0 with zero gradient when there are none. `implementation`: "auto", "linear" (PyTorch's
+    chunked linear cross-entropy; squared distance only) or "tiled" (ours; see the module docstring)."""
     check_distance(distance)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    linear = implementation == "linear" or (implementation == "auto" and distance == "squared"
+                                            and has_linear_cross_entropy())
+    if linear and distance != "squared":
+        raise ValueError("implementation 'linear' needs distance 'squared' (the euclidean logits are not linear in x)")
+    if linear and not has_linear_cross_entropy():
+        raise ValueError(f"implementation 'linear' needs torch.nn.functional.linear_cross_entropy (PyTorch >= 2.13); "
+                         f"this is PyTorch {torch.__version__}: use 'tiled' or 'auto'")
+    dtype = _work_dtype(pixel_embeddings, class_embeddings)
     valid = target != ignore_index
-    x = pixel_embeddings[valid].float()
+    x = pixel_embeddings[valid].to(dtype)
     t = target[valid]
     if x.shape[0] == 0:
         return pixel_embeddings.sum() * 0.0 + class_embeddings.sum() * 0.0
@@ -103,8 +132,22 @@ def full_cross_entropy(
     if bool(((t < 0) | (t >= C)).any()):
         bad = int(t[(t < 0) | (t >= C)][0])
         raise ValueError(f"target value {bad} is neither a class (0..{C - 1}) nor ignore_index {ignore_index}")
-    E = class_embeddings.float()
+    E = class_embeddings.to(dtype)
+    if linear:
+        return _linear_cross_entropy(x, E, t, tau, budget_bytes)
     rows, cols = _tiles(x.shape[0], C, budget_bytes)
     lse = _ChunkedLogSumExp.apply(x, E, tau, distance, rows, cols)  # (n,)
     target_logit = paired_logits(x, E[t], tau, distance)  # (n,)
     return (lse - target_logit).mean()
+
+
+def _linear_cross_entropy(x: torch.Tensor, E: torch.Tensor, t: torch.Tensor, tau: float, budget_bytes: int) -> torch.Tensor:
+    """-||x - mu||^2 / tau = (2 x.mu - ||mu||^2) / tau + (a term that cancels): weight 2E / tau,
+    bias -||E||^2 / tau; PyTorch's chunked path with chunks of pixels whose (chunk, C) logits and
+    their gradient fit the budget."""
+    n, C = x.shape[0], E.shape[0]
+    rows = max(1, min(n, budget_bytes // (_BYTES_PER_CELL * C)))
+    # float64 (gradient checks): keep the precomputed gradients so that backward may run twice
+    options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=rows, chunking_method=None,
+                                                 acc_policy="accurate", allow_retain_graph=x.dtype == torch.float64)
+    return F.linear_cross_entropy(x, E * (2.0 / tau), t, linear_bias=E.pow(2).sum(1) * (-1.0 / tau), options=options)

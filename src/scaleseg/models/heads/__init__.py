@@ -29,6 +29,15 @@ def build_scorer(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_ind
         ignore_index=ignore_index,
         search_budget_bytes=e.search_budget_mb * 2**20,
         search_backend=e.search_backend,
+        search_block=e.search_block,
+        search_index=e.search_index,
+        index_min_classes=e.index_min_classes,
+        index_clusters=e.index_clusters,
+        index_probes=e.index_probes,
+        index_refresh=e.index_refresh,
+        margin_refresh=e.margin_refresh,
+        margin_candidates=e.margin_candidates,
+        full_implementation=e.full_implementation,
     )
 
 
@@ -42,6 +51,8 @@ def build_pyramid(
     if cfg.scorer == "embedding":
         for scorer in scorers[1:]:
             scorer.class_embeddings = scorers[0].class_embeddings  # the same nn.Parameter
+            # ... and the state derived from it (stepped by the regularising level 0)
+            scorer.class_index, scorer.margin_cache = scorers[0].class_index, scorers[0].margin_cache
     return PyramidHead(
         scorers,
         in_channels,

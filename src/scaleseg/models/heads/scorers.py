@@ -8,12 +8,31 @@ and flips, and the decision from that map to class ids. Structures (single level
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from scaleseg.models.heads.base import ClassScorer
+from scaleseg.profiling import LOSS, REGULARIZER, section
 from scaleseg.search import nearest_class
+
+# True while inference decides a single view (no averaging over windows, scales or flips): dense
+# maps then need not be averageable, and the linear scorer skips its softmax (engine/inference.py)
+_ONE_VIEW = contextvars.ContextVar("scaleseg_one_view", default=False)
+
+
+@contextlib.contextmanager
+def deciding_one_view():
+    """Within this context `dense` maps are decided as they are, never averaged: the linear
+    scorer returns its logits (their argmax is the probabilities' argmax) without a softmax."""
+    token = _ONE_VIEW.set(True)
+    try:
+        yield
+    finally:
+        _ONE_VIEW.reset(token)
 
 
 class LinearScorer(ClassScorer):
@@ -41,10 +60,16 @@ class LinearScorer(ClassScorer):
         return {"ce": F.cross_entropy(scores.float(), target, ignore_index=self.ignore_index)}
 
     def dense(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores.float().softmax(dim=1)  # (B, C, H, W) probabilities
+        """(B, C, H, W) class probabilities, the map inference averages over views, computed in
+        float32 straight into its output (no float copy of the logits first). When one view is
+        decided (`deciding_one_view`), the logits themselves: no softmax, no copy."""
+        if _ONE_VIEW.get():
+            return scores
+        return scores.softmax(dim=1, dtype=torch.float32)
 
     def decide(self, dense: torch.Tensor, chunk_classes: int | None = None) -> torch.Tensor:
-        return dense.argmax(dim=1)  # (B, H, W); ties: the first maximum, the lower class id
+        # (B, H, W): of probabilities or, for one view, of logits; ties: the first maximum, the lower class id
+        return dense.argmax(dim=1)
 
 
 class EmbeddingScorer(ClassScorer):
@@ -54,6 +79,14 @@ class EmbeddingScorer(ClassScorer):
     kNN-approximated cross-entropy (ESS Eq. 6) or the exact one over all classes (both in bounded
     memory), plus `margin_weight` x the max-margin regulariser (ESS Eq. 7). Prediction: the nearest
     class embedding, searched in chunks. Memory is O(d) per pixel: nothing of size C x H x W.
+
+    Cheaper hard negatives (ESS supplementary C): `search_block` s > 1 searches once per s x s block
+    of loss pixels (their mean embedding) and shares the candidates; `search_index` "ivf" (or
+    "auto" from `index_min_classes` classes on) searches an approximate k-means index of the table.
+    State derived from the class table, in buffers (so in checkpoints; resumes stay exact):
+    `class_index` (a `scaleseg.search.ClassIndex`, or None) and `margin_cache` (a
+    `scaleseg.losses.MarginCache`, or None without regulariser), each with its own step counter
+    advanced by the training-mode regularising loss call (once per step of a single or pyramid head).
     The table's optimizer settings are `optim.groups.class_embeddings` (its group name).
     """
 
@@ -73,15 +106,36 @@ class EmbeddingScorer(ClassScorer):
         ignore_index: int = 255,
         search_budget_bytes: int = 256 * 2**20,
         search_backend: str = "torch",
+        search_block: int = 1,
+        search_index: str = "exact",
+        index_min_classes: int = 50_000,
+        index_clusters: int = 0,
+        index_probes: int = 8,
+        index_refresh: int = 100,
+        margin_refresh: int = 100,
+        margin_candidates: int = 1,
+        full_implementation: str = "auto",
     ) -> None:
+        from scaleseg.losses.margin import MarginCache
+        from scaleseg.search import ClassIndex
+
         super().__init__()
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.k, self.tau, self.margin, self.margin_weight = num_neighbours, temperature, margin, margin_weight
         self.negatives, self.distance, self.loss_kind, self.normalize = negatives, distance, loss, normalize
         self.search = {"budget_bytes": search_budget_bytes, "backend": search_backend}
+        self.search_block, self.full_implementation = search_block, full_implementation
         self.embed = nn.Conv2d(in_channels, embed_dim, kernel_size=1)  # pixel embeddings, with bias as published
         self.class_embeddings = nn.Parameter(torch.empty(num_classes, embed_dim).uniform_(-1.0, 1.0))  # (C, d)
+        # State derived from the class table, kept in checkpoints (see their classes): the approximate
+        # class index (search_index ivf, or auto from index_min_classes classes on), for the kNN loss's
+        # nearest negatives and the regulariser's refreshes, and the margin cache
+        use_index = search_index == "ivf" or (search_index == "auto" and num_classes >= index_min_classes)
+        searches = (loss == "knn" and negatives == "nearest") or margin_weight > 0
+        self.class_index = (ClassIndex(num_classes, embed_dim, index_clusters, index_probes, index_refresh)
+                            if use_index and searches else None)
+        self.margin_cache = MarginCache(num_classes, margin_refresh, margin_candidates) if margin_weight > 0 else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.embed(features)  # (B, d, h, w), normalised where used (after any resize)
@@ -96,24 +150,57 @@ class EmbeddingScorer(ClassScorer):
         return self.class_embeddings if raw else self.classes()
 
     def loss(self, scores: torch.Tensor, target: torch.Tensor, regularize: bool = True) -> dict[str, torch.Tensor]:
-        from scaleseg.losses import full_cross_entropy, knn_cross_entropy, margin_regularizer
+        from scaleseg.losses import block_candidates, full_cross_entropy, knn_cross_entropy
+        from scaleseg.losses.knn_ce import block_knn_cross_entropy, dense_logits_fit
 
-        d = scores.shape[1]
-        x = self._unit(scores, dim=1).permute(0, 2, 3, 1).reshape(-1, d)  # (B*H*W, d)
-        t = target.reshape(-1)
-        E = self.classes()
-        if self.loss_kind == "knn":
-            ce = knn_cross_entropy(
-                x, E, t, self.k, self.tau, self.ignore_index, self.negatives, self.distance,
-                budget_bytes=self.search["budget_bytes"], backend=self.search["backend"],
-            )
-        else:
-            ce = full_cross_entropy(x, E, t, self.tau, self.ignore_index, self.distance,
-                                    budget_bytes=self.search["budget_bytes"])
+        training = self.training and torch.is_grad_enabled()  # only training steps advance the cached state
+        with section(LOSS):
+            d = scores.shape[1]
+            x_map = self._unit(scores, dim=1)  # (B, d, H, W)
+            x = x_map.permute(0, 2, 3, 1).reshape(-1, d)  # (B*H*W, d)
+            t = target.reshape(-1)
+            E = self.classes()
+            index = self._class_index(E, step=training and regularize)
+            blocks = self.loss_kind == "knn" and self.negatives == "nearest" and self.search_block > 1
+            if blocks and not dense_logits_fit(x.shape[0], E.shape[0], 4, self.search["budget_bytes"]):
+                # one search per block of pixels, its candidates gathered once per block
+                ce = block_knn_cross_entropy(x_map, E, target, self.k, self.search_block, self.tau, self.ignore_index,
+                                             self.distance, normalize=self.normalize, index=index, **self.search)
+            elif self.loss_kind == "knn":
+                candidates = None
+                if blocks:  # few classes: every logit from one matmul, the blocks' candidates picked from them
+                    candidates = block_candidates(
+                        x_map, E, self.k + 1, self.search_block, valid=target != self.ignore_index,
+                        normalize=self.normalize, index=index, **self.search,
+                    ).reshape(-1, self.k + 1)
+                ce = knn_cross_entropy(
+                    x, E, t, self.k, self.tau, self.ignore_index, self.negatives, self.distance,
+                    budget_bytes=self.search["budget_bytes"], backend=self.search["backend"],
+                    candidates=candidates, index=index,
+                )
+            else:
+                ce = full_cross_entropy(x, E, t, self.tau, self.ignore_index, self.distance,
+                                        budget_bytes=self.search["budget_bytes"], implementation=self.full_implementation)
         terms = {"ce": ce}
-        if regularize and self.margin_weight > 0:
-            terms["margin"] = self.margin_weight * margin_regularizer(E, self.margin, **self.search)
+        if regularize and self.margin_cache is not None:
+            with section(REGULARIZER):  # ESS Eq. 7 on the cached nearest other classes
+                terms["margin"] = self.margin_weight * self.margin_cache(
+                    E, self.margin, training=training, index=index, **self.search)
         return terms
+
+    def _class_index(self, classes: torch.Tensor, step: bool):
+        """The approximate class index to search with (None: exact search). It is stepped (built,
+        refreshed when due) by the regularising call of a training step, once per step; a call that
+        finds it unbuilt builds it."""
+        if self.class_index is None:
+            return None
+        if step:
+            self.class_index.step(classes, self.search["budget_bytes"])
+        elif not self.class_index.is_built():
+            if not self.training:
+                return None  # outside training the state is left alone: exact search
+            self.class_index.rebuild(classes, self.search["budget_bytes"])
+        return self.class_index
 
     def dense(self, scores: torch.Tensor) -> torch.Tensor:
         return self._unit(scores, dim=1)  # (B, d, H, W) unit pixel embeddings, averaged by inference
