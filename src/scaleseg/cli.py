@@ -214,13 +214,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     summary = analyze(
         args.target, args.overrides, out=args.out, images=args.images, clusters=args.clusters, compare=args.compare,
         leaves=args.leaves, top_classes=args.top_classes, frequency_split=args.frequency_split,
-        frequency_images=args.frequency_images, progress=not args.no_progress,
+        frequency_images=args.frequency_images, progress=not args.no_progress, loss_gradients=args.loss_gradients,
         command=" ".join(shlex.quote(str(a)) for a in [
             "scaleseg", "analyze", args.target, *args.overrides, *(["--out", args.out] if args.out else []),
             "--images", args.images, *(["--clusters", args.clusters] if args.clusters else []),
             *(["--compare", args.compare] if args.compare else []), "--leaves", args.leaves,
             "--top-classes", args.top_classes, "--frequency-split", args.frequency_split,
-            "--frequency-images", args.frequency_images]),
+            "--frequency-images", args.frequency_images,
+            *(["--loss-gradients", args.loss_gradients] if args.loss_gradients else [])]),
     )
     print(format_summary(summary))
     return 0
@@ -351,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_accuracy)
 
-    p = sub.add_parser("analyze", help="embedding figures of a trained ESS run (ESS supp. section D), per-class IoU")
+    p = sub.add_parser("analyze", help="embedding figures of a trained ESS run (ESS supp. section D), per-class IoU, "
+                                                "loss gradients")
     p.add_argument("target", help="a work dir (best.pth, else the last checkpoint) or a checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=... train.device=cpu")
     p.add_argument("--out", help="output folder (default: <work dir>/analysis)")
@@ -362,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-classes", type=int, default=0, help="dendrogram of the N most frequent classes (0: all)")
     p.add_argument("--frequency-split", default="train", choices=["train", "val"], help="split whose labels are counted")
     p.add_argument("--frequency-images", type=int, default=1000, help="images counted, spread evenly (0: all)")
+    p.add_argument("--loss-gradients", type=int, default=0, metavar="N",
+                   help="also measure each loss term's gradient at the head's input on N training batches (any head; "
+                        "a pyramid: the unity term against the classification term)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_analyze)
 

@@ -50,7 +50,25 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ess-nomargin": ("ESS kNN loss without the max-margin regulariser (margin_weight 0)",
                      [*_ESS_KNN, "model.head.embedding.margin_weight=0"]),
 }
+# S&F Table 6 on the built-in set: the pyramid against the single-level output with the same semantic head, with
+# and without the contextual module, at the default run's settings (configs/synthetic/{single_semantic,pyramid}.yaml;
+# no warm-up or clipping: the default run has none). Not in DEFAULT_VARIANTS: `--variants` names them.
+_SEMANTIC = ["model.head.pyramid.semantic_channels=64"]
+_PYRAMID = ["model.head.structure=pyramid", "model.head.pyramid.unity_channels=32", *_SEMANTIC]
+PYRAMID_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "single": ("single-level output, plain head: the scorer's 1x1 conv on the decoder features (the default run)", []),
+    "single-semantic": ("single-level output behind the pyramid's semantic head with the contextual module "
+                        "(Table 6 'Single (standard)', 'ours')", ["model.head.single_head=semantic", *_SEMANTIC]),
+    "single-semantic-noctx": ("single-level output behind the pyramid's semantic head without the contextual "
+                              "module (Table 6 'Single (standard)', '-')",
+                              ["model.head.single_head=semantic", *_SEMANTIC, "model.head.pyramid.context=false"]),
+    "pyramid": ("the pyramidal output (strides 4-32, unity head, done by coarser, tau 0.9) with the contextual "
+                "module (Table 6 'Pyramid', 'ours')", _PYRAMID),
+    "pyramid-noctx": ("the pyramidal output without the contextual module (Table 6 'Pyramid', '-')",
+                      [*_PYRAMID, "model.head.pyramid.context=false"]),
+}
 DEFAULT_VARIANTS = tuple(VARIANTS)
+VARIANTS.update(PYRAMID_VARIANTS)
 DEFAULT_CLASSES = (150, 1000)
 DEFAULT_SEEDS = (0,)
 DEFAULT_ITERS = 300
