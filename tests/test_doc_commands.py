@@ -150,7 +150,7 @@ COMMANDS: dict[str, Case] = {
         "does exactly this on a clean checkout, and its `scaleseg train` is the `scaleseg train` entry below"),
     # ---- README: Train
     "scaleseg train": Case(append=TINY, check=metrics("work_dirs/default/eval/iter_000006")),
-    "scaleseg train configs/synthetic/resnet50.yaml": Case(append=TINY2, check=metrics("work_dirs/resnet50/eval/iter_000002")),
+    "scaleseg train configs/synthetic/resnet50.yaml": Case(append=TINY2, check=metrics("work_dirs/synthetic_resnet50/eval/iter_000002")),
     "scaleseg train configs/synthetic/resnet50.yaml model.backbone=mobilenet_v2 train.iters=200": Case(
         append=[*TINY2, "--work-dir", "work_dirs/mnv2"], check=metrics("work_dirs/mnv2/eval/iter_000002"),
         why="train.iters=2 after the documented 200 (the last value wins); its own work dir"),
@@ -200,24 +200,24 @@ COMMANDS: dict[str, Case] = {
         needs=["scaleseg train"], check=files("served/model.safetensors", "served/model.json")),
     # ---- README: The embedding scorer
     "scaleseg train model.head.scorer=embedding": Case(
-        append=[*TINY, "--work-dir", "work_dirs/ess"], check=metrics("work_dirs/ess/eval/iter_000006"),
-        why="into work_dirs/ess, not work_dirs/default (which the eval/predict/export lines read); analyze reads it"),
+        append=[*TINY, "--work-dir", "work_dirs/synthetic_ess"], check=metrics("work_dirs/synthetic_ess/eval/iter_000006"),
+        why="into work_dirs/synthetic_ess (the work dir of configs/synthetic/ess.yaml), not work_dirs/default (which the eval/predict/export lines read); analyze reads it"),
     "scaleseg train configs/ess/ade20k_r50.yaml": Case(
-        append=FILE_TINY, needs=["data:ade20k"], check=metrics("work_dirs/ade20k_r50/eval/iter_000002")),
+        append=FILE_TINY, needs=["data:ade20k"], check=metrics("work_dirs/ess_ade20k_r50/eval/iter_000002")),
     "scaleseg train model.head.scorer=embedding model.head.embedding.loss=full": Case(
         append=[*TINY2, "--work-dir", "work_dirs/ess_full"], check=metrics("work_dirs/ess_full/eval/iter_000002")),
     "scaleseg bench memory --classes 19,1284,20000 --heads baseline,ess-knn": Case(
         replace=[("19,1284,20000", "10,300")], append=[*BENCH_TINY, "--out", "bench/mem_a"],
         check=all_ok("bench/mem_a/memory.json"), why="C = 10 and 300 on resnet_tiny 32x32 crops"),
     # ---- README: The pyramidal output
-    "scaleseg train configs/synthetic/pyramid.yaml": Case(append=TINY, check=metrics("work_dirs/pyramid/eval/iter_000006")),
+    "scaleseg train configs/synthetic/pyramid.yaml": Case(append=TINY, check=metrics("work_dirs/synthetic_pyramid/eval/iter_000006")),
     "scaleseg train configs/synthetic/pyramid_ess.yaml": Case(
-        append=TINY2, check=metrics("work_dirs/pyramid_ess/eval/iter_000002")),
+        append=TINY2, check=metrics("work_dirs/synthetic_pyramid_ess/eval/iter_000002")),
     "scaleseg train configs/pyramid/ade20k_hrnet48.yaml": Case(
         append=[*FILE_TINY, *PYRAMID_TINY, "model.backbone=hrnet_tiny"], needs=["data:ade20k"],
-        check=metrics("work_dirs/ade20k_hrnet48/eval/iter_000002"),
+        check=metrics("work_dirs/pyramid_ade20k_hrnet48/eval/iter_000002"),
         why="hrnet_tiny for HRNetV2-W48 (65 M parameters) and narrow pyramid heads"),
-    "scaleseg eval work_dirs/pyramid model.head.pyramid.tau=1.0": Case(
+    "scaleseg eval work_dirs/synthetic_pyramid model.head.pyramid.tau=1.0": Case(
         needs=["scaleseg train configs/synthetic/pyramid.yaml"], append=["--out", "eval/tau1"], check=metrics("eval/tau1")),
     # ---- README: Benchmarks and analyses
     "scaleseg bench memory --classes 19,1284,20000 --heads baseline,ess-knn,ess-full": Case(
@@ -232,9 +232,9 @@ COMMANDS: dict[str, Case] = {
     "scaleseg bench accuracy --classes 150,1000 --seeds 0,1": Case(
         replace=[("150,1000", "10")], append=["--iters", "2", *BENCH_SET, "--no-progress", "--out", "bench/acc_a"],
         check=all_ok("bench/acc_a/accuracy.json", "records"), why="C = 10, 2 iterations per run on 48x48 images"),
-    "scaleseg analyze work_dirs/ess --compare work_dirs/default": Case(
+    "scaleseg analyze work_dirs/synthetic_ess --compare work_dirs/default": Case(
         needs=["scaleseg train model.head.scorer=embedding", "scaleseg train"], append=["--images", "1", "--no-progress"],
-        check=files("work_dirs/ess/analysis/summary.json")),
+        check=files("work_dirs/synthetic_ess/analysis/summary.json")),
     # ---- README: Datasets
     "scaleseg prepare coco-lvis --lvis lvis_v1_train.json --stuff stuff_train2017.json --images data/coco "
     "--out data/coco_lvis --split train": Case(
@@ -248,7 +248,7 @@ COMMANDS: dict[str, Case] = {
     "scaleseg train configs/pyramid/pascal_context_hrnet48.yaml": Case(
         append=[*FILE_TINY, *PYRAMID_TINY, "model.backbone=hrnet_tiny"],
         needs=["scaleseg prepare pascal-context --voc data/voc2010/VOCdevkit/VOC2010 --json data/voc2010/trainval_merged.json"],
-        check=metrics("work_dirs/pascal_context_hrnet48/eval/iter_000002"),
+        check=metrics("work_dirs/pyramid_pascal_context_hrnet48/eval/iter_000002"),
         why="hrnet_tiny for HRNetV2-W48 and narrow pyramid heads"),
     "scaleseg train configs/ess/ade20k_r50.yaml data.root=/data/ADEChallengeData2016 "
     "model.pretrained=~/weights/resnet50-11ad3fa6.pth": Case(
@@ -263,7 +263,7 @@ COMMANDS: dict[str, Case] = {
     "[--no-progress]": Case("synopsis", why="the usage line of `scaleseg analyze`; its run is the next entry"),
     "scaleseg analyze /tmp/exp/final_ess_s0 train.device=cpu --out docs/img/analysis --compare /tmp/exp/final_base_s0 "
     "--top-classes 60 --images 2": Case(
-        replace=[("/tmp/exp/final_ess_s0", "work_dirs/ess"), ("/tmp/exp/final_base_s0", "work_dirs/default"),
+        replace=[("/tmp/exp/final_ess_s0", "work_dirs/synthetic_ess"), ("/tmp/exp/final_base_s0", "work_dirs/default"),
                  ("--top-classes 60", "--top-classes 30")],
         append=["--no-progress"], needs=["scaleseg train model.head.scorer=embedding", "scaleseg train"],
         check=files("docs/img/analysis/summary.json"),
