@@ -188,6 +188,13 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     if args.list_variants:
         print(accuracy.list_variants())
         return 0
+    if args.collect:
+        records, settings = accuracy.collect(args.collect, args.out)
+        summary = accuracy.aggregate(records, list(settings["variants"]), settings["classes"])
+        print(accuracy.format_table(summary, list(settings["variants"]), settings["classes"]))
+        print(f"collected {len(records)} runs from {len(args.collect)} outputs; wrote {Path(args.out) / 'accuracy.json'}, "
+              "accuracy.md and accuracy.png")
+        return 0
     args.variants = accuracy.parse_names(args.variants)
     args.classes = accuracy.parse_ints(args.classes, "--classes", 2)
     args.seeds = accuracy.parse_ints(args.seeds, "--seeds", 0)
@@ -337,17 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_memory)
 
+    from scaleseg.bench.accuracy import DEFAULT_VARIANTS as default_variants
     from scaleseg.bench.accuracy import VARIANTS as accuracy_variants
 
-    p = bench.add_parser("accuracy", help="mIoU of the head variants (ESS ablations) after the same short training")
-    p.add_argument("--variants", default=",".join(accuracy_variants), metavar="V,V,...",
-                   help="comma-separated, from: " + ", ".join(accuracy_variants) + " (default all)")
+    p = bench.add_parser("accuracy", help="mIoU of the head variants (ESS ablations, S&F Table 6) after the same training")
+    p.add_argument("--variants", default=",".join(default_variants), metavar="V,V,...",
+                   help="comma-separated, from: " + ", ".join(accuracy_variants) + " (default: "
+                        + ", ".join(default_variants) + ")")
     p.add_argument("--classes", default="150,1000", metavar="C,C,...", help="class counts (default 150,1000)")
     p.add_argument("--seeds", default="0", metavar="S,S,...", help="training seeds (default 0)")
     p.add_argument("--iters", type=int, default=None, help="training iterations per run (default 300)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="extra config override for every run (repeatable, applied last), e.g. train.device=cuda")
     p.add_argument("--list-variants", action="store_true", help="print every variant's overrides and exit")
+    p.add_argument("--collect", nargs="+", metavar="DIR",
+                   help="train nothing: one report in --out from several outputs of this command (e.g. one per "
+                        "variant and seed, run in parallel)")
     p.add_argument("--out", default="bench_results/accuracy")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_accuracy)

@@ -190,12 +190,62 @@ def run_benchmark(args, train=train_one) -> list[dict]:
         "seeds": list(args.seeds), "iters": args.iters or DEFAULT_ITERS, "shared_overrides": SETTINGS,
         "extra_overrides": list(args.set or []), "command": command_line(args),
     }
-    summary = aggregate(records, args.variants, args.classes)
+    write_report(out, records, settings)
+    return records
+
+
+def write_report(out: Path, records: list[dict], settings: dict) -> list[dict]:
+    """accuracy.json (settings, summary, records), accuracy.md and accuracy.png in `out`; the summary."""
+    variants, classes = list(settings["variants"]), list(settings["classes"])
+    summary = aggregate(records, variants, classes)
     (out / "accuracy.json").write_text(
         json.dumps({"settings": settings, "summary": summary, "records": records}, indent=2) + "\n")
-    (out / "accuracy.md").write_text(format_report(summary, args.variants, args.classes, settings) + "\n")
-    plot(summary, args.variants, args.classes, out / "accuracy.png", settings)
-    return records
+    (out / "accuracy.md").write_text(format_report(summary, variants, classes, settings) + "\n")
+    plot(summary, variants, classes, out / "accuracy.png", settings)
+    return summary
+
+
+def collect(sources: list[str | Path], out: str | Path) -> tuple[list[dict], dict]:
+    """One report from several `bench accuracy` outputs (e.g. one per variant and seed, run in parallel):
+    their records side by side, as one run of all of them would give. The outputs must share --iters and
+    --set; a (variant, C, seed) found twice is refused. Returns (records, settings)."""
+    records: list[dict] = []
+    commands, iters, extras, found = [], set(), set(), {}
+    for source in sources:
+        path = Path(source)
+        path = path / "accuracy.json" if path.is_dir() else path
+        try:
+            data = json.loads(path.read_text())
+            settings, runs = data["settings"], data["records"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ScalesegError(f"--collect {str(source)!r}: not a `scaleseg bench accuracy` output ({path}: {exc}); "
+                                "pass its --out folder or its accuracy.json") from None
+        iters.add(settings["iters"])
+        extras.add(tuple(settings.get("extra_overrides", [])))
+        commands.append(settings["command"])
+        for r in runs:
+            key = (r["variant"], r["num_classes"], r["seed"])
+            if key in found:
+                raise ScalesegError(f"--collect: {r['variant']} C = {r['num_classes']} seed {r['seed']} is in both "
+                                    f"{found[key]} and {path}; collect each run once")
+            found[key] = path
+            records.append(r)
+    if len(iters) > 1 or len(extras) > 1:
+        raise ScalesegError(f"--collect: the outputs were trained with different settings (--iters {sorted(iters)}, "
+                            f"--set {[list(e) for e in sorted(extras)]}); collect runs of one protocol")
+    if not records:
+        raise ScalesegError("--collect: the outputs hold no runs")
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    settings = {
+        "variants": {v: VARIANTS[v][1] if v in VARIANTS else None for v in variants},
+        "classes": sorted({r["num_classes"] for r in records}), "seeds": sorted({r["seed"] for r in records}),
+        "iters": iters.pop(), "shared_overrides": SETTINGS, "extra_overrides": list(extras.pop()),
+        "command": " ; ".join(commands), "collected_from": [str(s) for s in sources],
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, records, settings)
+    return records, settings
 
 
 def aggregate(records: list[dict], variants, classes) -> list[dict]:
