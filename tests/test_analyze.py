@@ -174,3 +174,27 @@ def test_a_pyramid_with_the_linear_scorer_is_refused_like_any_linear_head(tmp_pa
         analyze(run, out=tmp_path / "out", progress=False)
     assert main(["analyze", str(run), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "model.head.scorer=embedding" in capsys.readouterr().err
+
+
+def test_loss_gradients_of_a_linear_pyramid_run_equal_the_library_function_on_the_same_batches(tmp_path, capsys):
+    """`analyze --loss-gradients N` on a linear pyramid: the mean over the run's first N training batches
+    of each term's gradient norm at the head's input, and the unity / ce ratio the docs report."""
+    from scaleseg.analysis.gradients import loss_gradient_norms
+    from scaleseg.data import build_dataset, build_train_loader
+    from scaleseg.engine.checkpoint import resolve_run
+
+    run = _train(tmp_path / "pyramid_linear", PYRAMID + ["train.device=cpu", "model.decoder.dropout=0"])
+    assert main(["analyze", str(run), "--out", str(tmp_path / "out"), "--loss-gradients", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    grads = summary["loss_gradients"]
+    assert grads["batches"] == 2 and set(grads["gradient_norm"]) == {"ce", "unity"}
+    assert "unity / ce" in printed and "embedding analyses do not apply" in printed
+    resolved = resolve_run(run, [])
+    cfg, model = resolved.cfg, resolved.model()
+    loader = build_train_loader(cfg.data, build_dataset(cfg.data, "train"), 255, cfg.train.seed, progress=False)
+    it = iter(loader)
+    expected = [loss_gradient_norms(model, b["image"], b["label"]) for b in (next(it), next(it))]
+    for term in ("ce", "unity"):
+        assert grads["gradient_norm"][term] == pytest.approx((expected[0][term] + expected[1][term]) / 2, rel=1e-5)
+    assert grads["unity_to_ce"] == pytest.approx(grads["gradient_norm"]["unity"] / grads["gradient_norm"]["ce"])

@@ -71,7 +71,8 @@ def test_aggregate_table_and_failed_runs_recorded(tmp_path):
 
 
 def test_variant_overrides_give_the_intended_configs():
-    cfgs = {v: load_config(None, accuracy.run_overrides(v, 150, 3)) for v in accuracy.VARIANTS}
+    cfgs = {v: load_config(None, accuracy.run_overrides(v, 150, 3)) for v in accuracy.VARIANTS
+            if v not in accuracy.PYRAMID_VARIANTS}
     assert set(cfgs) == {"baseline", "ess-knn", "ess-full", "ess-random", "ess-nonorm", "ess-nomargin",  # Table 3
                          "ess-exact", "ess-cached", "ess-block2", "ess-block4", "ess-ivf", "ess-fast"}  # supp. C
     ess_file = load_config(REPO / "configs" / "synthetic" / "ess.yaml")
@@ -105,6 +106,23 @@ def test_variant_overrides_give_the_intended_configs():
     assert (cfg.train.iters, cfg.model.head.embedding.embed_dim) == (7, 8)
 
 
+def test_table_6_variants_are_the_synthetic_configs_at_the_default_runs_optimiser():
+    """single = the default run, single-semantic = configs/synthetic/single_semantic.yaml, pyramid =
+    configs/synthetic/pyramid.yaml; the -noctx variants differ from them by the contextual module alone."""
+    cfgs = {v: load_config(None, accuracy.run_overrides(v, 1000, 0)) for v in accuracy.PYRAMID_VARIANTS}
+    assert set(accuracy.PYRAMID_VARIANTS).isdisjoint(accuracy.DEFAULT_VARIANTS)
+    default = load_config(None)
+    files = {"single": default, "single-semantic": load_config(REPO / "configs/synthetic/single_semantic.yaml"),
+             "pyramid": load_config(REPO / "configs/synthetic/pyramid.yaml")}
+    for name, cfg in cfgs.items():
+        assert cfg.optim == default.optim and cfg.data == default.data, name
+        base = files[name.removesuffix("-noctx")]
+        if name.endswith("-noctx"):
+            assert cfg.model.head.pyramid.context is False and base.model.head.pyramid.context is True
+            cfg.model.head.pyramid.context = True
+        assert cfg.model == base.model, name
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--variants", "baseline,ess-fancy"], "unknown variant 'ess-fancy'"),
     (["--classes", "10,many"], "--classes '10,many': 'many' is not an integer"),
@@ -125,3 +143,37 @@ def test_list_variants(capsys):
     for name in accuracy.VARIANTS:
         assert text.count(f"\n{name} ") + text.startswith(f"{name} ") == 1
     assert "model.head.embedding.normalize=false" in text
+
+
+def test_collect_merges_outputs_run_apart_into_the_report_of_one_run(tmp_path, capsys):
+    """Fake training: the runs of one benchmark split over three outputs (by variant and by seed) collect
+    into the same summary and table as the one benchmark gives; mixed protocols and duplicates are refused."""
+    fake = {("baseline", 0): 10.0, ("baseline", 1): 14.0, ("ess-knn", 0): 7.5, ("ess-knn", 1): 9.5}
+
+    def train(cfg, work_dir):
+        m = fake[("baseline" if cfg.model.head.scorer == "linear" else "ess-knn", cfg.train.seed)]
+        return {"mIoU": m, "aAcc": 2 * m, "mAcc": m + 1, "fwIoU": m - 1}
+
+    def bench(out, variants, seeds, iters=3):
+        args = SimpleNamespace(variants=variants, classes=[12], seeds=seeds, iters=iters, set=None, out=out,
+                               no_progress=True)
+        accuracy.run_benchmark(args, train=train)
+        return out
+
+    whole = json.loads((bench(tmp_path / "whole", ["baseline", "ess-knn"], [0, 1]) / "accuracy.json").read_text())
+    parts = [bench(tmp_path / "a", ["baseline"], [0, 1]), bench(tmp_path / "b", ["ess-knn"], [0]),
+             bench(tmp_path / "c", ["ess-knn"], [1])]
+    out = tmp_path / "collected"
+    assert main(["bench", "accuracy", "--collect", *map(str, parts), "--out", str(out)]) == 0
+    collected = json.loads((out / "accuracy.json").read_text())
+    assert collected["summary"] == whole["summary"]
+    assert collected["settings"]["seeds"] == [0, 1] and collected["settings"]["collected_from"] == list(map(str, parts))
+    assert (out / "accuracy.md").read_text().splitlines()[:4] == (tmp_path / "whole" / "accuracy.md").read_text().splitlines()[:4]
+    assert "| ess-knn | 8.50 (7.50..9.50) |" in capsys.readouterr().out
+    assert main(["bench", "accuracy", "--collect", str(parts[0]), str(parts[0]), "--out", str(tmp_path / "x")]) == 2
+    assert "baseline C = 12 seed 0 is in both" in capsys.readouterr().err
+    other = bench(tmp_path / "d", ["ess-knn"], [2], iters=5)
+    assert main(["bench", "accuracy", "--collect", str(parts[0]), str(other), "--out", str(tmp_path / "y")]) == 2
+    assert "different settings (--iters [3, 5]" in capsys.readouterr().err
+    assert main(["bench", "accuracy", "--collect", str(tmp_path / "nothing"), "--out", str(tmp_path / "z")]) == 2
+    assert "not a `scaleseg bench accuracy` output" in capsys.readouterr().err

@@ -219,6 +219,17 @@ COMMANDS: dict[str, Case] = {
         append=[*FILE_TINY, *PYRAMID_TINY, "model.backbone=hrnet_tiny"], needs=["data:ade20k"],
         check=metrics("work_dirs/pyramid_ade20k_hrnet48/eval/iter_000002"),
         why="hrnet_tiny for HRNetV2-W48 (65 M parameters) and narrow pyramid heads"),
+    "scaleseg train configs/synthetic/single_semantic.yaml": Case(
+        append=TINY2, check=metrics("work_dirs/synthetic_single_semantic/eval/iter_000002")),
+    "scaleseg analyze work_dirs/synthetic_pyramid --loss-gradients 8": Case(
+        needs=["scaleseg train configs/synthetic/pyramid.yaml"], replace=[("--loss-gradients 8", "--loss-gradients 2")],
+        append=["--no-progress"], check=files("work_dirs/synthetic_pyramid/analysis/summary.json"),
+        why="2 training batches instead of 8"),
+    "scaleseg bench accuracy --variants single,single-semantic,single-semantic-noctx,pyramid,pyramid-noctx "
+    "--classes 1000 --seeds 0,1 --iters 1200": Case(
+        replace=[("--classes 1000", "--classes 10"), ("--seeds 0,1", "--seeds 0"), ("--iters 1200", "--iters 2")],
+        append=[*BENCH_SET, "--no-progress", "--out", "bench/acc_t6"], check=all_ok("bench/acc_t6/accuracy.json", "records"),
+        why="C = 10, one seed, 2 iterations per run on 48x48 images"),
     "scaleseg eval work_dirs/synthetic_pyramid model.head.pyramid.tau=1.0": Case(
         needs=["scaleseg train configs/synthetic/pyramid.yaml"], append=["--out", "eval/tau1"], check=metrics("eval/tau1")),
     # ---- README: Benchmarks and analyses

@@ -188,6 +188,13 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     if args.list_variants:
         print(accuracy.list_variants())
         return 0
+    if args.collect:
+        records, settings = accuracy.collect(args.collect, args.out)
+        summary = accuracy.aggregate(records, list(settings["variants"]), settings["classes"])
+        print(accuracy.format_table(summary, list(settings["variants"]), settings["classes"]))
+        print(f"collected {len(records)} runs from {len(args.collect)} outputs; wrote {Path(args.out) / 'accuracy.json'}, "
+              "accuracy.md and accuracy.png")
+        return 0
     args.variants = accuracy.parse_names(args.variants)
     args.classes = accuracy.parse_ints(args.classes, "--classes", 2)
     args.seeds = accuracy.parse_ints(args.seeds, "--seeds", 0)
@@ -214,13 +221,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     summary = analyze(
         args.target, args.overrides, out=args.out, images=args.images, clusters=args.clusters, compare=args.compare,
         leaves=args.leaves, top_classes=args.top_classes, frequency_split=args.frequency_split,
-        frequency_images=args.frequency_images, progress=not args.no_progress,
+        frequency_images=args.frequency_images, progress=not args.no_progress, loss_gradients=args.loss_gradients,
         command=" ".join(shlex.quote(str(a)) for a in [
             "scaleseg", "analyze", args.target, *args.overrides, *(["--out", args.out] if args.out else []),
             "--images", args.images, *(["--clusters", args.clusters] if args.clusters else []),
             *(["--compare", args.compare] if args.compare else []), "--leaves", args.leaves,
             "--top-classes", args.top_classes, "--frequency-split", args.frequency_split,
-            "--frequency-images", args.frequency_images]),
+            "--frequency-images", args.frequency_images,
+            *(["--loss-gradients", args.loss_gradients] if args.loss_gradients else [])]),
     )
     print(format_summary(summary))
     return 0
@@ -336,22 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_memory)
 
+    from scaleseg.bench.accuracy import DEFAULT_VARIANTS as default_variants
     from scaleseg.bench.accuracy import VARIANTS as accuracy_variants
 
-    p = bench.add_parser("accuracy", help="mIoU of the head variants (ESS ablations) after the same short training")
-    p.add_argument("--variants", default=",".join(accuracy_variants), metavar="V,V,...",
-                   help="comma-separated, from: " + ", ".join(accuracy_variants) + " (default all)")
+    p = bench.add_parser("accuracy", help="mIoU of the head variants (ESS ablations, S&F Table 6) after the same training")
+    p.add_argument("--variants", default=",".join(default_variants), metavar="V,V,...",
+                   help="comma-separated, from: " + ", ".join(accuracy_variants) + " (default: "
+                        + ", ".join(default_variants) + ")")
     p.add_argument("--classes", default="150,1000", metavar="C,C,...", help="class counts (default 150,1000)")
     p.add_argument("--seeds", default="0", metavar="S,S,...", help="training seeds (default 0)")
     p.add_argument("--iters", type=int, default=None, help="training iterations per run (default 300)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="extra config override for every run (repeatable, applied last), e.g. train.device=cuda")
     p.add_argument("--list-variants", action="store_true", help="print every variant's overrides and exit")
+    p.add_argument("--collect", nargs="+", metavar="DIR",
+                   help="train nothing: one report in --out from several outputs of this command (e.g. one per "
+                        "variant and seed, run in parallel)")
     p.add_argument("--out", default="bench_results/accuracy")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_accuracy)
 
-    p = sub.add_parser("analyze", help="embedding figures of a trained ESS run (ESS supp. section D), per-class IoU")
+    p = sub.add_parser("analyze", help="embedding figures of a trained ESS run (ESS supp. section D), per-class IoU, "
+                                                "loss gradients")
     p.add_argument("target", help="a work dir (best.pth, else the last checkpoint) or a checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=... train.device=cpu")
     p.add_argument("--out", help="output folder (default: <work dir>/analysis)")
@@ -362,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-classes", type=int, default=0, help="dendrogram of the N most frequent classes (0: all)")
     p.add_argument("--frequency-split", default="train", choices=["train", "val"], help="split whose labels are counted")
     p.add_argument("--frequency-images", type=int, default=1000, help="images counted, spread evenly (0: all)")
+    p.add_argument("--loss-gradients", type=int, default=0, metavar="N",
+                   help="also measure each loss term's gradient at the head's input on N training batches (any head; "
+                        "a pyramid: the unity term against the classification term)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_analyze)
 

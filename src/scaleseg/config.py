@@ -246,6 +246,10 @@ class HeadConfig:
 
     structure: Literal["single", "pyramid"] = "single"
     scorer: Literal["linear", "embedding"] = "linear"
+    # the single-level structure's layers before its scorer. plain: none (the scorer's 1x1 conv on the decoder's
+    # features); semantic: the pyramid's semantic head with one level (S&F Table 6 "Single (standard)": Conv1x1 to
+    # pyramid.semantic_channels, the contextual module if pyramid.context, the ConvBlock), the pyramid's matched baseline
+    single_head: Literal["plain", "semantic"] = "plain"
     # full: scores bilinearly upsampled to the crop (the paper); decoder: labels downsampled (each cell's majority) to the
     # stride-4 score grid (16x fewer pixels). The default run uses decoder: the linear scorer's 1000 x H x W
     # upsampled logits cost ~2.4 s of a 2.6 s CPU step at full resolution.
@@ -256,6 +260,11 @@ class HeadConfig:
     def validate(self, key: str) -> None:
         self.embedding.validate(f"{key}.embedding")
         self.pyramid.validate(f"{key}.pyramid")
+        if self.structure == "pyramid" and self.single_head != "plain":
+            raise ConfigError(
+                f"{key}.single_head = {self.single_head!r} applies to structure single; the pyramid always has its "
+                f"semantic head (set {key}.single_head=plain, or {key}.structure=single)"
+            )
 
 
 BACKBONE_NAMES = (

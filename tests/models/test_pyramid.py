@@ -548,3 +548,17 @@ def test_paper_configs_build_the_papers_model(name):
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
     assert [tuple(s.shape[-2:]) for s in out["semantic"]] == [(2, 2), (4, 4), (8, 8), (16, 16)]
+
+
+@pytest.mark.parametrize("name", ["cocostuff10k_hrnet48", "cocostuff10k_r101"])
+def test_the_coco_stuff_pyramid_configs_use_the_papers_171_classes(name):
+    """S&F section 5: COCO-Stuff with "91 stuff and 80 thing classes" (the HRNet-OCR protocol), where the
+    ESS paper's COCO-Stuff 10k runs use 182."""
+    from pathlib import Path
+
+    from scaleseg.data.datasets.cocostuff import CLASSES_171
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "pyramid" / f"{name}.yaml", ["model.pretrained=null"])
+    assert cfg.data.dataset == "cocostuff10k" and cfg.data.num_classes == len(CLASSES_171) == 171
+    ess = load_config(Path(__file__).parents[2] / "configs" / "_base_" / "datasets" / "cocostuff10k.yaml", [])
+    assert ess.data.num_classes == 182

@@ -6,7 +6,8 @@
       embeddings_rgb_<image>.png                    pixel embeddings as RGB         (Figure 7)
       frequency_vs_length.png                       frequency vs embedding length   (Figure 4)
       per_class_iou.png, miou_vs_top_n.png/.csv     per-class IoU by frequency      (Figure 5, supp. Figure 5)
-      summary.json
+      summary.json                                  also, with loss_gradients > 0: each loss term's
+                                                    gradient at the head's input (any head)
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def analyze(
     frequency_images: int = 1000,
     progress: bool = True,
     command: str | None = None,
+    loss_gradients: int = 0,
 ) -> dict:
     from scaleseg.data import build_dataset
     from scaleseg.engine.checkpoint import resolve_run
@@ -69,8 +71,8 @@ def analyze(
         raise AnalysisError(f"--top-classes {top_classes} / --leaves {leaves}: need top-classes >= 0 and leaves >= 2")
     if clusters is not None and clusters < 1:
         raise AnalysisError(f"--clusters {clusters}: must be >= 1")
-    if images < 0:
-        raise AnalysisError(f"--images {images}: must be >= 0")
+    if images < 0 or loss_gradients < 0:
+        raise AnalysisError(f"--images {images} / --loss-gradients {loss_gradients}: must be >= 0")
     if frequency_split not in ("train", "val"):
         raise AnalysisError(f"--frequency-split {frequency_split!r}: use train or val")
     if compare is not None and not Path(compare).exists():
@@ -79,11 +81,11 @@ def analyze(
     run = resolve_run(target, list(overrides or []))
     cfg, ckpt_path, ckpt, run_dir = run.cfg, run.checkpoint_path, run.checkpoint, run.run_dir
     embedding = cfg.model.head.scorer == "embedding"
-    if not embedding and compare is None:
+    if not embedding and compare is None and not loss_gradients:
         raise AnalysisError(
             f"{ckpt_path} is a linear-head model (model.head.scorer = {cfg.model.head.scorer!r}): the embedding "
             "analyses need model.head.scorer=embedding; to compare its per-class IoU with another run, "
-            "add --compare OTHER_WORK_DIR"
+            "add --compare OTHER_WORK_DIR; for the loss terms' gradients, --loss-gradients N"
         )
     out = Path(out) if out is not None else run_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
@@ -140,13 +142,16 @@ def analyze(
         files.append(plots.plot_miou_top_n(curves, out / "miou_vs_top_n.png"))
         files.append(_write_top_n_csv(out / "miou_vs_top_n.csv", order, names, curves))
 
-    if not embedding:
-        summary["notes"].append("linear-head model: only the per-class IoU comparison applies")
-        return _finish(summary, out)
-
-    # ---- the model and its class table
     device = select_device(cfg.train.device)
     model = run.model().to(device)
+    if loss_gradients:
+        summary["loss_gradients"] = _loss_gradients(cfg, model, meta["ignore_index"], loss_gradients, device)
+
+    if not embedding:
+        summary["notes"].append("linear-head model: the embedding analyses do not apply")
+        return _finish(summary, out)
+
+    # ---- the class table
     table = model.head.class_table(raw=True)  # (C, d) as trained; a pyramid's levels share one table
     if table is None:  # pragma: no cover - the config said embedding
         raise AnalysisError(f"{ckpt_path}: the model's head has no class-embedding table")
@@ -247,6 +252,21 @@ def _pixel_figures(model, dataset, classes, normalized, palette, ignore_index, n
     return written
 
 
+def _loss_gradients(cfg, model, ignore_index: int, n: int, device) -> dict:
+    """Each loss term's gradient norm at the head's input, the mean over the first `n` training batches
+    (the run's crops, batch size and augmentations, from its seed: what the loss saw in training)."""
+    import itertools
+
+    from scaleseg.analysis.gradients import mean_gradient_norms
+    from scaleseg.data import build_dataset, build_train_loader
+
+    loader = build_train_loader(cfg.data, build_dataset(cfg.data, "train"), ignore_index, cfg.train.seed, progress=False)
+    batches = ((b["image"].to(device), b["label"].to(device)) for b in itertools.islice(loader, n))
+    result = mean_gradient_norms(model, batches)
+    result["images"] = f"{n} training batches of {cfg.data.batch_size}"
+    return result
+
+
 def _write_top_n_csv(path: Path, order, names, curves) -> Path:
     lines = ["n,class_id,class," + ",".join(f"mIoU {name}" for name, _ in curves)]
     for n, c in enumerate(order, start=1):
@@ -312,6 +332,11 @@ def format_summary(summary: dict) -> str:
     if fl and fl["spearman"] is not None:
         lines.append(f"frequency vs raw class-embedding length: Spearman {fl['spearman']:+.3f}"
                      + ("" if fl["length_used_by_model"] else " (lengths unused: normalised model)"))
+    grads = summary.get("loss_gradients")
+    if grads:
+        norms = ", ".join(f"{k} {v:.4g}" for k, v in grads["gradient_norm"].items())
+        lines.append(f"loss gradients at the head's input (mean over {grads['images']}): {norms}"
+                     + (f"; unity / ce = {grads['unity_to_ce']:.2f}" if "unity_to_ce" in grads else ""))
     for name, pc in summary.get("per_class", {}).items():
         top = ", ".join(f"top {n}: {v}" for n, v in pc["mIoU_top_n"].items())
         lines.append(f"{name}: mIoU {pc['mIoU']:.2f} ({top})")

@@ -77,6 +77,24 @@ VARIANTS.update({
 })
 ABLATIONS = ("baseline", "ess-knn", "ess-full", "ess-random", "ess-nonorm", "ess-nomargin")
 DEFAULT_VARIANTS = ABLATIONS
+# S&F Table 6 on the built-in set: the pyramid against the single-level output with the same semantic head, with
+# and without the contextual module, at the default run's settings (configs/synthetic/{single_semantic,pyramid}.yaml;
+# no warm-up or clipping: the default run has none). Not in DEFAULT_VARIANTS: `--variants` names them.
+_SEMANTIC = ["model.head.pyramid.semantic_channels=64"]
+_PYRAMID = ["model.head.structure=pyramid", "model.head.pyramid.unity_channels=32", *_SEMANTIC]
+PYRAMID_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "single": ("single-level output, plain head: the scorer's 1x1 conv on the decoder features (the default run)", []),
+    "single-semantic": ("single-level output behind the pyramid's semantic head with the contextual module "
+                        "(Table 6 'Single (standard)', 'ours')", ["model.head.single_head=semantic", *_SEMANTIC]),
+    "single-semantic-noctx": ("single-level output behind the pyramid's semantic head without the contextual "
+                              "module (Table 6 'Single (standard)', '-')",
+                              ["model.head.single_head=semantic", *_SEMANTIC, "model.head.pyramid.context=false"]),
+    "pyramid": ("the pyramidal output (strides 4-32, unity head, done by coarser, tau 0.9) with the contextual "
+                "module (Table 6 'Pyramid', 'ours')", _PYRAMID),
+    "pyramid-noctx": ("the pyramidal output without the contextual module (Table 6 'Pyramid', '-')",
+                      [*_PYRAMID, "model.head.pyramid.context=false"]),
+}
+VARIANTS.update(PYRAMID_VARIANTS)
 DEFAULT_CLASSES = (150, 1000)
 DEFAULT_SEEDS = (0,)
 DEFAULT_ITERS = 300
@@ -196,11 +214,7 @@ def run_benchmark(args, train=train_one) -> list[dict]:
         record["seconds"] = round(time.perf_counter() - start, 1)
         records.append(record)
         _write(out, records, args, summary=None)  # partial results, readable while a long benchmark runs
-    settings = _settings(args)
-    summary = aggregate(records, args.variants, args.classes)
-    _write(out, records, args, summary)
-    (out / "accuracy.md").write_text(format_report(summary, args.variants, args.classes, settings) + "\n")
-    plot(summary, args.variants, args.classes, out / "accuracy.png", settings)
+    write_report(out, records, _settings(args))
     return records
 
 
@@ -217,6 +231,60 @@ def _write(out: Path, records: list[dict], args, summary: list[dict] | None) -> 
     if summary is not None:
         report["summary"] = summary
     (out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def write_report(out: Path, records: list[dict], settings: dict) -> list[dict]:
+    """accuracy.json (settings, summary, records), accuracy.md and accuracy.png in `out`; the summary."""
+    variants, classes = list(settings["variants"]), list(settings["classes"])
+    summary = aggregate(records, variants, classes)
+    (out / "accuracy.json").write_text(
+        json.dumps({"settings": settings, "summary": summary, "records": records}, indent=2) + "\n")
+    (out / "accuracy.md").write_text(format_report(summary, variants, classes, settings) + "\n")
+    plot(summary, variants, classes, out / "accuracy.png", settings)
+    return summary
+
+
+def collect(sources: list[str | Path], out: str | Path) -> tuple[list[dict], dict]:
+    """One report from several `bench accuracy` outputs (e.g. one per variant and seed, run in parallel):
+    their records side by side, as one run of all of them would give. The outputs must share --iters and
+    --set; a (variant, C, seed) found twice is refused. Returns (records, settings)."""
+    records: list[dict] = []
+    commands, iters, extras, found = [], set(), set(), {}
+    for source in sources:
+        path = Path(source)
+        path = path / "accuracy.json" if path.is_dir() else path
+        try:
+            data = json.loads(path.read_text())
+            settings, runs = data["settings"], data["records"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ScalesegError(f"--collect {str(source)!r}: not a `scaleseg bench accuracy` output ({path}: {exc}); "
+                                "pass its --out folder or its accuracy.json") from None
+        iters.add(settings["iters"])
+        extras.add(tuple(settings.get("extra_overrides", [])))
+        commands.append(settings["command"])
+        for r in runs:
+            key = (r["variant"], r["num_classes"], r["seed"])
+            if key in found:
+                raise ScalesegError(f"--collect: {r['variant']} C = {r['num_classes']} seed {r['seed']} is in both "
+                                    f"{found[key]} and {path}; collect each run once")
+            found[key] = path
+            records.append(r)
+    if len(iters) > 1 or len(extras) > 1:
+        raise ScalesegError(f"--collect: the outputs were trained with different settings (--iters {sorted(iters)}, "
+                            f"--set {[list(e) for e in sorted(extras)]}); collect runs of one protocol")
+    if not records:
+        raise ScalesegError("--collect: the outputs hold no runs")
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    settings = {
+        "variants": {v: VARIANTS[v][1] if v in VARIANTS else None for v in variants},
+        "classes": sorted({r["num_classes"] for r in records}), "seeds": sorted({r["seed"] for r in records}),
+        "iters": iters.pop(), "shared_overrides": SETTINGS, "extra_overrides": list(extras.pop()),
+        "command": " ; ".join(commands), "collected_from": [str(s) for s in sources],
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, records, settings)
+    return records, settings
 
 
 def aggregate(records: list[dict], variants, classes) -> list[dict]:

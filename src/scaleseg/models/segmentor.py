@@ -22,7 +22,11 @@ class Segmentor(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor) -> dict:
-        """images (B, 3, H, W) -> the head's raw outputs (at the decoder's stride).
+        """images (B, 3, H, W) -> the head's raw outputs (at the decoder's stride)."""
+        return self.head(self.features(images))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> the decoder's features (B, D, H/4, W/4), the head's input.
 
         A head with a `size_divisor` above 1 (the pyramid: its coarsest stride) gets images zero-padded
         at the bottom/right to a multiple of it; its `loss` and `dense` pad the labels and crop the
@@ -31,7 +35,7 @@ class Segmentor(nn.Module):
         if s > 1:
             H, W = images.shape[-2:]
             images = F.pad(images, (0, (W + s - 1) // s * s - W, 0, (H + s - 1) // s * s - H))
-        return self.head(self.decoder(self.backbone(images)))
+        return self.decoder(self.backbone(images))
 
     def loss(self, outputs: dict, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms for a label map (B, H, W); "loss" is their sum, the value to minimise."""

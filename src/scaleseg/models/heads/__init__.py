@@ -5,7 +5,7 @@ from __future__ import annotations
 from scaleseg.config import HeadConfig
 from scaleseg.models.heads.base import ClassScorer, SegmentationHead
 from scaleseg.models.heads.scorers import EmbeddingScorer, LinearScorer
-from scaleseg.models.heads.pyramid import PyramidHead
+from scaleseg.models.heads.pyramid import PyramidHead, SemanticHead
 from scaleseg.models.heads.single import SingleLevelHead
 from scaleseg.models.norm import NormLayer
 
@@ -73,14 +73,19 @@ def build_pyramid(
 def build_head(
     cfg: HeadConfig, in_channels: int, num_classes: int, ignore_index: int, norm_layer: NormLayer | None = None
 ) -> SegmentationHead:
-    """The configured structure x scorer. Only the pyramid has norm layers; the single-level head is a
-    scorer's 1x1 conv alone, so `norm_layer` does not reach it."""
+    """The configured structure x scorer. `norm_layer` builds the norms of the pyramid and of the single
+    head's semantic layers (single_head=semantic); the plain single head is a scorer's 1x1 conv alone."""
     if cfg.structure == "pyramid":
         return build_pyramid(cfg, in_channels, num_classes, ignore_index, norm_layer)
-    return SingleLevelHead(build_scorer(cfg, in_channels, num_classes, ignore_index), cfg.loss_resolution)
+    if cfg.single_head == "plain":
+        return SingleLevelHead(build_scorer(cfg, in_channels, num_classes, ignore_index), cfg.loss_resolution)
+    p = cfg.pyramid  # the pyramid's semantic head with its finest level alone
+    semantic = SemanticHead(in_channels, p.semantic_channels, (1,), p.context, p.context_bins, norm_layer)
+    scorer = build_scorer(cfg, p.semantic_channels, num_classes, ignore_index)
+    return SingleLevelHead(scorer, cfg.loss_resolution, semantic_head=semantic)
 
 
 __all__ = [
     "build_head", "build_pyramid", "build_scorer", "ClassScorer", "EmbeddingScorer", "LinearScorer", "PyramidHead",
-    "SegmentationHead", "SingleLevelHead",
+    "SegmentationHead", "SemanticHead", "SingleLevelHead",
 ]

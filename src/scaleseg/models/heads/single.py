@@ -53,18 +53,27 @@ class SingleLevelHead(SegmentationHead):
     loss_resolution "full": scores are bilinearly upsampled to the label size (the paper);
     "decoder": labels are downsampled to the score grid instead (16x fewer pixels), each cell taking its
     majority label (`majority_downsample`), so that training and the bilinear upsampling of inference agree.
+
+    `semantic_head`: layers between the features and the scorer, a module returning a one-element list of
+    (B, D_s, H/4, W/4) maps: the pyramid's SemanticHead with one level (S&F Table 6's single output with the
+    same head as the pyramid); None: the scorer sees the features themselves.
     """
 
-    def __init__(self, scorer: ClassScorer, loss_resolution: str = "full") -> None:
+    def __init__(
+        self, scorer: ClassScorer, loss_resolution: str = "full", semantic_head: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.scorer = scorer
         self.loss_resolution = loss_resolution
+        self.semantic_head = semantic_head
 
     @property
     def scorers(self) -> list[ClassScorer]:
         return [self.scorer]
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.semantic_head is not None:
+            (features,) = self.semantic_head(features)
         return {"scores": self.scorer(features)}
 
     def loss(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
