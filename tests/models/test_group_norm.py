@@ -172,6 +172,8 @@ def test_unknown_norm_kind_is_refused():
     (["model.backbone=mobilenet_v2"], 24, "the backbone (model.backbone = mobilenet_v2)"),
     (["model.decoder.low_level_channels=16", "model.head.structure=pyramid", "model.head.pyramid.semantic_channels=40"],
      40, "the pyramid head (model.head.pyramid.unity_channels, model.head.pyramid.semantic_channels)"),
+    (["model.decoder.low_level_channels=16", "model.head.single_head=semantic", "model.head.pyramid.semantic_channels=40"],
+     40, "the single head's semantic layers (model.head.pyramid.semantic_channels)"),
     (["model.backbone=hrnet_tiny", "model.decoder.type=hrnet_fusion", "model.output_stride=32",
       "model.group_norm_channels=32"], 16, "the backbone (model.backbone = hrnet_tiny)"),  # 32 > the stem's 16
 ])

@@ -56,7 +56,10 @@ def build_model(cfg: ModelConfig, num_classes: int, ignore_index: int, backbone:
             dropout=cfg.decoder.dropout,
             norm_layer=norm("the decoder (model.decoder.channels, model.decoder.low_level_channels)"),
         )
-    head_norm = norm("the head (model.head.pyramid.unity_channels, model.head.pyramid.semantic_channels)")
+    head_norm = norm(
+        "the pyramid head (model.head.pyramid.unity_channels, model.head.pyramid.semantic_channels)"
+        if cfg.head.structure == "pyramid" else "the single head's semantic layers (model.head.pyramid.semantic_channels)"
+    )
     head = build_head(cfg.head, decoder.out_channels, num_classes, ignore_index, norm_layer=head_norm)
     return Segmentor(backbone, decoder, head)
 
