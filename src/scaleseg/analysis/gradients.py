@@ -19,7 +19,11 @@ import torch
 def loss_gradient_norms(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """The L2 norm, over the whole (B, D, h, w) feature map, of d term / d features for every loss term
     of `model.head.loss` (the summed "loss" left out), on one batch."""
-    model = copy.deepcopy(model).train()
+    return _term_norms(copy.deepcopy(model).train(), images, labels)
+
+
+def _term_norms(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """loss_gradient_norms on a model already in train mode (the caller's copy)."""
     features = model.features(images).detach().requires_grad_(True)
     terms = model.head.loss(model.head(features), labels)
     norms = {}
@@ -39,8 +43,9 @@ def mean_gradient_norms(model: torch.nn.Module, batches: Iterable[tuple[torch.Te
     the unity term's mean to the classification term's (present for a pyramid only)."""
     sums: dict[str, float] = {}
     count = 0
+    model = copy.deepcopy(model).train()  # one copy for all batches
     for images, labels in batches:
-        for name, value in loss_gradient_norms(model, images, labels).items():
+        for name, value in _term_norms(model, images, labels).items():
             sums[name] = sums.get(name, 0.0) + value
         count += 1
     if count == 0:
