@@ -36,6 +36,20 @@ def read_image(path: str | Path, exif: bool = True) -> np.ndarray:
     return np.array(im.convert("RGB"), dtype=np.uint8)  # writable
 
 
+def read_json(path: Path, what: str, missing_hint: str = "") -> object:
+    """The parsed JSON of `path`; a missing or unreadable file is a DataError naming `what` and the path
+    (`missing_hint` is appended to the missing-file message, e.g. "; pass ...")."""
+    import json
+
+    if not path.is_file():
+        raise DataError(f"{what} {str(path)!r} does not exist{missing_hint}")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{what} {str(path)!r} cannot be read as JSON ({exc})") from None
+
+
 def save_label_map(path: Path, label: np.ndarray, num_classes: int) -> Path:
     """Write class ids losslessly: 8-bit PNG for up to 255 classes, 16-bit PNG up to 65,536,
     32-bit TIFF beyond (the suffix changes to .tif). Returns the path written."""

@@ -73,7 +73,7 @@ from scaleseg.data.datasets.coco_lvis import (
     split_list_file,
     summary_file,
 )
-from scaleseg.data.io import remove_temporaries, write_png_atomic, write_text_atomic
+from scaleseg.data.io import read_json, remove_temporaries, write_png_atomic, write_text_atomic
 from scaleseg.errors import DataError, ScalesegError
 
 HELP = "build the 1284-class COCO+LVIS labels (uint16 PNGs) from LVIS v1 and COCO-Stuff annotations"
@@ -112,13 +112,7 @@ def stuff_lookup_table() -> np.ndarray:
 
 # ---------------------------------------------------------------- reading the annotation files
 def _load_annotations(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise DataError(f"{what} {str(path)!r} does not exist")
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{what} {str(path)!r} cannot be read as JSON ({exc})") from None
+    data = read_json(path, what)
     keys = ("images", "annotations", "categories")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in keys):
         raise DataError(

@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from scaleseg.data.datasets.pascal_context import (
     CONTEXT_CATEGORY_IDS, LABEL_DIR, PASCAL_CONTEXT_CLASSES, SPLIT_DIR, find_voc2010,
 )
-from scaleseg.data.io import remove_temporaries, write_png_atomic, write_text_atomic
+from scaleseg.data.io import read_json, remove_temporaries, write_png_atomic, write_text_atomic
 from scaleseg.data.prepare.coco_lvis import _mask_utils, file_fingerprint, segmentation_rle
 from scaleseg.errors import DataError
 
@@ -62,13 +62,7 @@ def category_lut() -> np.ndarray:
 
 
 def _load(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"--json {str(path)!r} does not exist; pass the Detail API's trainval_merged.json")
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"--json {str(path)!r} cannot be read as JSON ({exc})") from None
+    data = read_json(path, "--json", "; pass the Detail API's trainval_merged.json")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annos_segmentation")):
         raise DataError(
             f"--json {str(path)!r} is not a Detail API annotation file (it needs 'images' and 'annos_segmentation' "
