@@ -134,6 +134,14 @@ class SegmentationMetrics:
         }
 
 
+def miou_from_areas(inter: np.ndarray, pred: np.ndarray, label: np.ndarray) -> float:
+    """mIoU (in [0, 1]) from per-class intersection, prediction and label areas, as `compute`: the mean
+    over the classes with a non-empty union; NaN if there are none."""
+    union = pred + label - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _nanmean(np.where(union > 0, inter / np.maximum(union, 1), np.nan))
+
+
 def _nanmean(values: np.ndarray) -> float:
     """The mean over the defined (non-NaN) entries; NaN if there are none."""
     defined = ~np.isnan(values)

@@ -233,3 +233,10 @@ def test_pyramid_head_trains_and_reports_the_pixels_of_each_level(tmp_path, tiny
     assert metrics["level_stride_4"] == levels["level_stride_4"]
     assert val[-1]["level_stride_32"] == levels["level_stride_32"]
     assert "pixels decided per pyramid level: stride 32:" in (work / "train.log").read_text()
+    # S&F Table 9 (the columns of the levels that decided pixels) and the unity head's recall, printed and
+    # in metrics.json (their values: test_pyramid.py's per-pixel reference)
+    deciding = [s for s in (32, 16, 8, 4) if levels[f"level_stride_{s}"] > 0]
+    assert {f"table9_pixels{s}_level{s2}" for s in deciding for s2 in (32, 16, 8, 4)} <= set(metrics)
+    assert "unity_recall_stride_8" in metrics  # (no stride-32 cell of the tiny images need be unity)
+    log = (work / "train.log").read_text()
+    assert "S&F Table 9" in log and "unity head precision / recall" in log

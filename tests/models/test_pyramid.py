@@ -562,3 +562,94 @@ def test_the_coco_stuff_pyramid_configs_use_the_papers_171_classes(name):
     assert cfg.data.dataset == "cocostuff10k" and cfg.data.num_classes == len(CLASSES_171) == 171
     ess = load_config(Path(__file__).parents[2] / "configs" / "_base_" / "datasets" / "cocostuff10k.yaml", [])
     assert ess.data.num_classes == 182
+
+
+# ------------------------------------------------------------------ S&F Table 9 and the unity head's precision / recall
+
+
+def _reference_table9(model, out, target, C: int, tau: float):
+    """Per-pixel reference: the level each pixel is assigned by the predicted unity (coarsest cell with
+    p >= tau), each level's own decision (argmax of the logits, or the nearest unit class embedding) repeated
+    over its cells, then the plain metrics over each group; unity precision / recall from a per-cell loop."""
+    from scaleseg.metrics import SegmentationMetrics
+
+    head = model.head
+    strides = head.strides
+    B, H, W = target.shape
+    L = len(strides)
+    probs = [torch.sigmoid(u) for u in out["unity"]]
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    level = torch.full((B, H, W), L - 1)
+    for index in reversed(range(L - 1)):
+        s = strides[index]
+        unity = probs[index][:, ys // s, xs // s] >= tau  # (B, H, W)
+        level[unity] = index
+
+    def decision(scores):
+        if head.scorers[-1].class_table() is None:  # linear: the logits' argmax
+            return scores.argmax(1)
+        classes = F.normalize(head.scorers[-1].class_embeddings, dim=1)
+        return torch.einsum("bdhw,cd->bchw", F.normalize(scores, dim=1), classes).argmax(1)
+
+    preds = [decision(scores)[:, ys // s, xs // s] for scores, s in zip(out["semantic"][:-1], strides[:-1])]
+    finest = out["semantic"][-1]
+    size = (finest.shape[-2] * strides[-1], finest.shape[-1] * strides[-1])
+    preds.append(decision(F.interpolate(finest, size=size, mode="bilinear", align_corners=False)[..., :H, :W]))
+    table = {}
+    for g, s in enumerate(strides):
+        for j, s2 in enumerate(strides):
+            metrics = SegmentationMetrics(C, IGNORE)
+            metrics.update(preds[j], torch.where(level == g, target, torch.full_like(target, IGNORE)))
+            value = metrics.compute()["mIoU"]
+            if value == value:
+                table[(s, s2)] = 100 * value
+    unity = {}
+    for index, s in enumerate(strides[:-1]):
+        _, truth = brute_force_cells(target, s)
+        predicted = (probs[index] >= tau)[:, : truth.shape[1], : truth.shape[2]]  # padded cells are empty
+        known = truth != UNITY_IGNORE
+        tp, pred, true = (int(m.sum()) for m in (predicted & known & (truth == 1), predicted & known, known & (truth == 1)))
+        unity[s] = (100 * tp / pred if pred else None, 100 * tp / true if true else None)  # None: nothing to count
+    return table, unity, level
+
+
+@pytest.mark.parametrize("scorer", ["linear", "embedding"])
+def test_table9_and_unity_precision_recall_match_a_per_pixel_reference(scorer):
+    torch.manual_seed(3)
+    C = 6
+    model, _ = pyramid_model(C, f"model.head.scorer={scorer}", "model.head.embedding.embed_dim=5",
+                             "model.head.embedding.num_neighbours=3")
+    model.eval()
+    images = torch.randn(2, 3, 45, 70)
+    target = blocky_labels(2, 45, 70, C, block=16, seed=1)
+    with torch.no_grad():
+        out = model(images)
+        _, own = model.dense_with_counts(images, target)  # what evaluation calls
+        assert torch.equal(own["table9"], model.head.dense_with_counts(out, (45, 70), target)[1]["table9"])
+        # unity logits spread so that every level decides some pixels (the untrained head's are alike)
+        g = torch.Generator().manual_seed(0)
+        out["unity"] = [3 * torch.randn(u.shape, generator=g) for u in out["unity"]]
+        dense, counts = model.head.dense_with_counts(out, (45, 70), target)
+    tau = model.head.tau
+    assert torch.equal(dense, model.head.dense(out, (45, 70)))  # the labels change nothing but the counts
+    summary = model.head.summarize_counts(counts)
+    table, unity, level = _reference_table9(model, out, target, C, tau)
+    assert len(level.unique()) == 4
+    got = {(int(k.split("pixels")[1].split("_")[0]), int(k.split("level")[1])): v
+           for k, v in summary.items() if k.startswith("table9_")}
+    assert set(got) == set(table) and len(table) >= 3 * 4
+    for key, want in table.items():
+        assert got[key] == pytest.approx(want, abs=0.006), key
+    assert sum(p is not None for p, _ in unity.values()) >= 2
+    for s, (precision, recall) in unity.items():
+        for name, want in (("precision", precision), ("recall", recall)):
+            key = f"unity_{name}_stride_{s}"
+            assert (key not in summary) if want is None else summary[key] == pytest.approx(want, abs=0.006), key
+    lines = "\n".join(model.head.describe_counts(summary))
+    assert "S&F Table 9" in lines and "unity head precision / recall" in lines
+    # evaluation's one-view call passes the labels through to the same tallies
+    from scaleseg.engine.inference import predict_labels_with_counts
+
+    labels, again = predict_labels_with_counts(model, images, EvalConfig(), target)
+    assert torch.equal(again["table9"], own["table9"]) and torch.equal(again["unity_tp"], own["unity_tp"])
+    assert torch.equal(labels, predict_labels(model, images, EvalConfig()))

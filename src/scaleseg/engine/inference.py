@@ -27,6 +27,12 @@ def _window_starts(size: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, size - crop) for i in range(count)]
 
 
+def _view_dense_with_counts(model, view: torch.Tensor, target: torch.Tensor | None):
+    """The model's dense map and counts of one view; `target` (the view's labels) only where given, so a
+    model whose `dense_with_counts` takes images alone still serves every view without labels."""
+    return model.dense_with_counts(view) if target is None else model.dense_with_counts(view, target)
+
+
 def _add_counts(total: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, value in counts.items():
         total[name] = total[name] + value if name in total else value
@@ -41,9 +47,11 @@ def slide_dense(model, images: torch.Tensor, crop_size: tuple[int, int], stride:
 
 @torch.no_grad()
 def slide_dense_with_counts(
-    model, images: torch.Tensor, crop_size: tuple[int, int], stride: tuple[int, int]
+    model, images: torch.Tensor, crop_size: tuple[int, int], stride: tuple[int, int],
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`slide_dense` and the head's counts summed over the windows."""
+    """`slide_dense` and the head's counts summed over the windows (with `target`, the labels (B, H, W),
+    each window's counts against its own crop of them)."""
     H, W = images.shape[-2:]
     ch, cw = min(crop_size[0], H), min(crop_size[1], W)
     total = None
@@ -51,7 +59,8 @@ def slide_dense_with_counts(
     count = images.new_zeros((1, 1, H, W))
     for y in _window_starts(H, ch, stride[0]):
         for x in _window_starts(W, cw, stride[1]):
-            dense, view_counts = model.dense_with_counts(images[:, :, y : y + ch, x : x + cw])  # (B, K, ch, cw)
+            window = None if target is None else target[:, y : y + ch, x : x + cw]
+            dense, view_counts = _view_dense_with_counts(model, images[:, :, y : y + ch, x : x + cw], window)  # (B, K, ch, cw)
             _add_counts(counts, view_counts)
             if total is None:
                 total = dense.new_zeros((images.shape[0], dense.shape[1], H, W))
@@ -82,8 +91,11 @@ def infer_dense(model, images: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def infer_dense_with_counts(model, images: torch.Tensor, cfg: EvalConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`infer_dense` and the head's counts summed over every view (`SegmentationHead.dense_with_counts`)."""
+def infer_dense_with_counts(
+    model, images: torch.Tensor, cfg: EvalConfig, target: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`infer_dense` and the head's counts summed over every view (`SegmentationHead.dense_with_counts`).
+    `target`, the labels (B, H, W), goes with the scale-1 unflipped view only (the one the labels fit)."""
     H, W = images.shape[-2:]
     total = None
     counts: dict[str, torch.Tensor] = {}
@@ -95,10 +107,11 @@ def infer_dense_with_counts(model, images: torch.Tensor, cfg: EvalConfig) -> tup
             scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         for flip in (False, True) if cfg.flip else (False,):
             view = scaled.flip(-1) if flip else scaled
+            labels = target if scale == 1.0 and not flip else None
             if cfg.mode == "slide":
-                dense, view_counts = slide_dense_with_counts(model, view, cfg.crop_size, cfg.stride)
+                dense, view_counts = slide_dense_with_counts(model, view, cfg.crop_size, cfg.stride, labels)
             else:
-                dense, view_counts = model.dense_with_counts(view)
+                dense, view_counts = _view_dense_with_counts(model, view, labels)
             _add_counts(counts, view_counts)
             if total is None and not flip and dense.shape[-2:] == (H, W):
                 total = dense  # the first view is the running sum (dense maps are fresh tensors)
@@ -115,13 +128,16 @@ def is_one_view(cfg: EvalConfig) -> bool:
 
 
 @torch.no_grad()
-def predict_labels_with_counts(model, images: torch.Tensor, cfg: EvalConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Class ids (B, H, W) for normalised images (B, 3, H, W), and the head's counts over the views."""
+def predict_labels_with_counts(
+    model, images: torch.Tensor, cfg: EvalConfig, target: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Class ids (B, H, W) for normalised images (B, 3, H, W), and the head's counts over the views
+    (with `target`, the labels (B, H, W), also those that compare with them)."""
     if is_one_view(cfg):
         with deciding_one_view():  # decided as it is: the linear scorer's logits, no softmax
-            dense, counts = model.dense_with_counts(images)
+            dense, counts = _view_dense_with_counts(model, images, target)
             return model.decide(dense), counts
-    dense, counts = infer_dense_with_counts(model, images, cfg)
+    dense, counts = infer_dense_with_counts(model, images, cfg, target)
     return model.decide(dense), counts
 
 

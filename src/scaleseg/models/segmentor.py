@@ -47,9 +47,14 @@ class Segmentor(nn.Module):
         """The map that inference averages over windows/scales/flips, at the input size: (B, K, H, W)."""
         return self.head.dense(self(images), images.shape[-2:])
 
-    def dense_with_counts(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`dense` and the head's per-view counts (see SegmentationHead.dense_with_counts)."""
-        return self.head.dense_with_counts(self(images), images.shape[-2:])
+    def dense_with_counts(
+        self, images: torch.Tensor, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`dense` and the head's per-view counts (see SegmentationHead.dense_with_counts); `target`, the
+        view's labels (B, H, W), for the counts that compare with them (the pyramid's Table 9)."""
+        if target is None:
+            return self.head.dense_with_counts(self(images), images.shape[-2:])
+        return self.head.dense_with_counts(self(images), images.shape[-2:], target)
 
     def decide(self, dense: torch.Tensor, chunk_classes: int | None = None) -> torch.Tensor:
         """Class ids (B, H, W) from an (averaged) dense map; `chunk_classes`: see ClassScorer.decide."""

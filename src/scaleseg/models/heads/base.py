@@ -20,9 +20,11 @@ embedding channels for ESS), C classes; h, w the feature grid; H, W the image.
     SegmentationHead
         forward(features) -> outputs (a dict of tensors or lists of tensors)
         loss(outputs, target (B, H, W)) -> {term: scalar}
-        dense_with_counts(outputs, size) -> (dense (B, K, *size), counts {name: int64 tensor})
-                 counts: whatever the structure tallies per view (the pyramid: pixels decided per level);
-                 the evaluator sums them over views, images and processes like the IoU counts
+        dense_with_counts(outputs, size, target=None) -> (dense (B, K, *size), counts {name: int64 tensor})
+                 counts: whatever the structure tallies per view (the pyramid: pixels decided per level;
+                 given the view's labels `target` (B, *size), also S&F Table 9 and the unity head's
+                 precision and recall); the evaluator sums them over views, images and processes like
+                 the IoU counts
         empty_counts() -> {name: zeros}                 the counts' names and shapes, all zero
         dense(outputs, size) -> (B, K, *size)           dense_with_counts without the counts
         decide(dense, chunk_classes=None) -> labels (B, H, W)    the deciding scorer's
@@ -84,7 +86,9 @@ class SegmentationHead(nn.Module, ABC):
     def loss(self, outputs: dict, target: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
     @abstractmethod
-    def dense_with_counts(self, outputs: dict, size: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def dense_with_counts(
+        self, outputs: dict, size: tuple[int, int], target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def dense(self, outputs: dict, size: tuple[int, int]) -> torch.Tensor:
         return self.dense_with_counts(outputs, size)[0]

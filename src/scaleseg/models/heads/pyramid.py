@@ -39,6 +39,10 @@ from scaleseg.models.heads.single import majority_downsample, resize_scores
 from scaleseg.models.norm import NormLayer, norm_1d
 
 
+# The Table 9 tallies (L x L x 3 x C int64) are kept only up to this size (about 175,000 classes at four levels).
+TABLE9_MAX_BYTES = 64 << 20
+
+
 def _pool_matrix(size, bins: int, like: torch.Tensor) -> torch.Tensor:
     """(bins, size) averaging weights of adaptive average pooling: bin i covers [floor(i * size / bins),
     ceil((i + 1) * size / bins)), as `F.adaptive_avg_pool2d`. `size` may be symbolic (torch.export)."""
@@ -297,23 +301,126 @@ class PyramidHead(SegmentationHead):
     def dense(self, outputs, size: tuple[int, int]) -> torch.Tensor:
         return self.fuse_outputs(outputs, size)[0]
 
-    def dense_with_counts(self, outputs, size: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The fused map and {"level_pixels": (L,) pixels taken from each level, coarse to fine}."""
+    def dense_with_counts(
+        self, outputs, size: tuple[int, int], target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The fused map and {"level_pixels": (L,) pixels taken from each level, coarse to fine}; with the
+        view's labels `target` (B, H, W) also the tallies of S&F Table 9 and of the unity head
+        (`diagnostic_counts`)."""
         fused, level = self.fuse_outputs(outputs, size)
-        return fused, {"level_pixels": torch.bincount(level.flatten(), minlength=len(self.strides))}
+        counts = {"level_pixels": torch.bincount(level.flatten(), minlength=len(self.strides))}
+        if target is not None:
+            counts.update(self.diagnostic_counts(outputs, size, level, target))
+        return fused, counts
+
+    def _table9_classes(self) -> int:
+        """Classes the Table 9 tallies cover: all of them, or 0 (no tallies) where L x L x 3 x C int64
+        counts would pass TABLE9_MAX_BYTES (about 175,000 classes at four levels)."""
+        C = self.scorers[-1].num_classes
+        L = len(self.strides)
+        return C if L * L * 3 * C * 8 <= TABLE9_MAX_BYTES else 0
+
+    @torch.no_grad()
+    def diagnostic_counts(self, outputs, size: tuple[int, int], level: torch.Tensor,
+                          target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-view tallies for S&F Table 9 and the unity head's precision and recall.
+
+        "table9" (L, L, 3, C) int64: for the pixels the predicted unity pyramid assigns to level l (`level`,
+        the fuse's choice; first index) and the semantic prediction of level l' alone (second index: the
+        coarse levels' cell decisions repeated over their cells, the finest level's bilinear map decided per
+        pixel), the intersection, prediction and label areas per class over the labelled pixels.
+        "unity_tp" / "unity_pred" / "unity_true" (L - 1,): per coarse level, cells predicted unity (p >= tau)
+        that are unity in the ground truth, cells predicted unity, cells unity in the ground truth, over the
+        cells holding a labelled pixel (every such cell, whether or not a coarser level decided it)."""
+        H, W = size
+        L = len(self.strides)
+        target = target.to(level.device).long()
+        semantic = outputs["semantic"]
+        counts: dict[str, torch.Tensor] = {}
+        C = self._table9_classes()
+        if C:
+            preds = [upsample_cells(scorer.decide(scorer.dense(scores)), stride)[..., :H, :W]
+                     for scorer, scores, stride in zip(self.scorers[:-1], semantic[:-1], self.strides[:-1])]
+            preds.append(self.scorers[-1].decide(
+                self.scorers[-1].dense(resize_scores(semantic[-1], self._padded_size(outputs)))[..., :H, :W]))
+            valid = (target != self.ignore_index) & (target >= 0) & (target < C)
+            group, label = level[valid], target[valid]
+            table = torch.zeros((L, L, 3, C), dtype=torch.int64, device=level.device)
+            for index, pred in enumerate(preds):
+                pred = pred[valid].long()
+                cell = table[:, index]  # (L, 3, C): this semantic level, every unity group
+                hit = pred == label
+                cell[:, 0] += torch.bincount(group[hit] * C + label[hit], minlength=L * C).view(L, C)
+                cell[:, 1] += torch.bincount(group * C + pred, minlength=L * C).view(L, C)
+                cell[:, 2] += torch.bincount(group * C + label, minlength=L * C).view(L, C)
+            counts["table9"] = table.cpu()
+        padded = pad_labels(target, self.size_divisor, self.ignore_index)
+        gt = pyramid_targets(padded, self.strides, self.ignore_index)
+        tp, pred_pos, true_pos = (torch.zeros(L - 1, dtype=torch.int64) for _ in range(3))
+        for index, logits in enumerate(outputs["unity"]):
+            truth = gt.unity[index]
+            known = truth != UNITY_IGNORE
+            predicted = (torch.sigmoid(logits.float()) >= self.tau) & known
+            actual = (truth == 1) & known
+            tp[index] = int((predicted & actual).sum())
+            pred_pos[index] = int(predicted.sum())
+            true_pos[index] = int(actual.sum())
+        counts.update(unity_tp=tp, unity_pred=pred_pos, unity_true=true_pos)
+        return counts
 
     def empty_counts(self) -> dict[str, torch.Tensor]:
-        return {"level_pixels": torch.zeros(len(self.strides), dtype=torch.int64)}
+        L = len(self.strides)
+        counts = {"level_pixels": torch.zeros(L, dtype=torch.int64)}
+        if self._table9_classes():
+            counts["table9"] = torch.zeros((L, L, 3, self._table9_classes()), dtype=torch.int64)
+        counts.update({name: torch.zeros(L - 1, dtype=torch.int64) for name in ("unity_tp", "unity_pred", "unity_true")})
+        return counts
 
     def summarize_counts(self, counts: dict[str, torch.Tensor]) -> dict[str, float]:
-        """S&F Table 9's split: the percentage of pixels each level decided, {"level_stride_32": 41.2, ...};
-        {} if nothing was fused."""
+        """In percent: the share of pixels each level decided ({"level_stride_32": 41.2, ...}; S&F Table 9's
+        split); where the labels were tallied, S&F Table 9 itself, "table9_pixels<s>_level<s'>": the mIoU of
+        level s' alone over the pixels assigned to level s, and per coarse level "unity_precision_stride_<s>"
+        and "unity_recall_stride_<s>". {} if nothing was fused; a value with nothing to count is left out."""
         pixels = counts.get("level_pixels")
         if pixels is None or int(pixels.sum()) == 0:
             return {}
         total = float(pixels.sum())
-        return {f"level_stride_{s}": round(100 * float(n) / total, 2) for s, n in zip(self.strides, pixels.tolist())}
+        out = {f"level_stride_{s}": round(100 * float(n) / total, 2) for s, n in zip(self.strides, pixels.tolist())}
+        table = counts.get("table9")
+        if table is not None and int(table[..., 2, :].sum()):
+            from scaleseg.metrics import miou_from_areas
+
+            for g, s in enumerate(self.strides):
+                for j, s2 in enumerate(self.strides):
+                    inter, pred, label = (table[g, j, i].double().numpy() for i in range(3))
+                    value = miou_from_areas(inter, pred, label)
+                    if value == value:  # not NaN: the group has labelled pixels
+                        out[f"table9_pixels{s}_level{s2}"] = round(100 * value, 2)
+        if "unity_tp" in counts and int(counts["unity_true"].sum() + counts["unity_pred"].sum()):
+            for i, s in enumerate(self.strides[:-1]):
+                tp, pred, true = (int(counts[name][i]) for name in ("unity_tp", "unity_pred", "unity_true"))
+                if pred:
+                    out[f"unity_precision_stride_{s}"] = round(100 * tp / pred, 2)
+                if true:
+                    out[f"unity_recall_stride_{s}"] = round(100 * tp / true, 2)
+        return out
 
     def describe_counts(self, summary: dict[str, float]) -> list[str]:
         shares = [f"stride {s}: {summary[f'level_stride_{s}']:.2f}%" for s in self.strides if f"level_stride_{s}" in summary]
-        return [f"pixels decided per pyramid level: {', '.join(shares)}"] if shares else []
+        lines = [f"pixels decided per pyramid level: {', '.join(shares)}"] if shares else []
+        if any(key.startswith("table9_") for key in summary):
+            lines.append("S&F Table 9, mIoU (%) of each level's semantic prediction alone (rows) over the pixels the "
+                         "predicted unity pyramid assigns to each level (columns):")
+            width = 11
+            lines.append(f"{'level':<{width}}" + "".join(f"{f'pixels s{s}':>{width}}" for s in self.strides))
+            for s2 in self.strides:
+                cells = [summary.get(f"table9_pixels{s}_level{s2}") for s in self.strides]
+                lines.append(f"{f'stride {s2}':<{width}}" + "".join(
+                    f"{'-' if v is None else f'{v:.2f}':>{width}}" for v in cells))
+        unity = [(s, summary.get(f"unity_precision_stride_{s}"), summary.get(f"unity_recall_stride_{s}"))
+                 for s in self.strides[:-1]]
+        if any(p is not None or r is not None for _, p, r in unity):
+            text = ", ".join(f"stride {s}: {'-' if p is None else f'{p:.2f}'} / {'-' if r is None else f'{r:.2f}'}"
+                             for s, p, r in unity)
+            lines.append(f"unity head precision / recall (%) against the ground-truth unity cells: {text}")
+        return lines

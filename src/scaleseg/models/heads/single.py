@@ -84,5 +84,5 @@ class SingleLevelHead(SegmentationHead):
             target = majority_downsample(target, scores.shape[-2:])
         return self.scorer.loss(scores, target)
 
-    def dense_with_counts(self, outputs: dict[str, torch.Tensor], size: tuple[int, int]):
+    def dense_with_counts(self, outputs: dict[str, torch.Tensor], size: tuple[int, int], target=None):
         return self.scorer.dense(resize_scores(outputs["scores"], size)), {}  # (B, K, H, W), no counts
