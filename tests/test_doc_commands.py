@@ -113,6 +113,15 @@ def metrics(path: str):
     return check
 
 
+def table9_in(path: str):
+    """metrics.json of a pyramid evaluation holds S&F Table 9's cells for the levels that decided pixels."""
+    def check(ws: Path) -> None:
+        data = json.loads((ws / path / "metrics.json").read_text())
+        deciding = [s for s in (32, 16, 8, 4) if (data.get(f"level_stride_{s}") or 0) > 0]
+        assert deciding and all(f"table9_pixels{s}_level4" in data for s in deciding), data
+    return check
+
+
 def files(*paths: str):
     def check(ws: Path) -> None:
         for p in paths:
@@ -230,6 +239,9 @@ COMMANDS: dict[str, Case] = {
         replace=[("--classes 1000", "--classes 10"), ("--seeds 0,1", "--seeds 0"), ("--iters 1200", "--iters 2")],
         append=[*BENCH_SET, "--no-progress", "--out", "bench/acc_t6"], check=all_ok("bench/acc_t6/accuracy.json", "records"),
         why="C = 10, one seed, 2 iterations per run on 48x48 images"),
+    "scaleseg eval work_dirs/synthetic_pyramid": Case(
+        needs=["scaleseg train configs/synthetic/pyramid.yaml"], append=["--out", "eval/table9"],
+        check=lambda ws: (metrics("eval/table9")(ws), table9_in("eval/table9")(ws))),
     "scaleseg eval work_dirs/synthetic_pyramid model.head.pyramid.tau=1.0": Case(
         needs=["scaleseg train configs/synthetic/pyramid.yaml"], append=["--out", "eval/tau1"], check=metrics("eval/tau1")),
     # ---- README: Benchmarks and analyses
