@@ -338,6 +338,11 @@ COMMANDS: dict[str, Case] = {
         replace=[("--classes 1000", "--classes 10"), ("--iters 300", "--iters 2"), ("--seeds 0,1", "--seeds 0")],
         append=BENCH_SET, check=all_ok("bench_results/accuracy_C1000/accuracy.json", "records"),
         why="C = 10, one seed, 2 iterations per run on 48x48 images"),
+    "scaleseg bench accuracy --variants ess-ivf,ess-fast --classes 1000 --seeds 0,1 --iters 300 --set data.batch_size=4 "
+    "--set data.train_pipeline.crop_size=64 --out bench_results/accuracy_index --no-progress": Case(
+        replace=[("--classes 1000", "--classes 10"), ("--iters 300", "--iters 2"), ("--seeds 0,1", "--seeds 0")],
+        append=BENCH_SET, check=all_ok("bench_results/accuracy_index/accuracy.json", "records"),
+        why="C = 10, one seed, 2 iterations per run on 48x48 images"),
     "scaleseg bench accuracy --variants ess-exact,ess-cached,ess-block4,ess-ivf,ess-fast,ess-block2 --classes 5000 --seeds 0,1 "
     "--iters 300 --set data.batch_size=4 --set data.train_pipeline.crop_size=64 --out bench_results/accuracy_C5000 --no-progress": Case(
         replace=[("--classes 5000", "--classes 10"), ("--iters 300", "--iters 2"), ("--seeds 0,1", "--seeds 0")],

@@ -97,6 +97,34 @@ def test_class_index_and_margin_cache_state_in_the_model():
                      "model.head.embedding.index_min_classes=300")[0].head.scorer.class_index is None
 
 
+@pytest.mark.parametrize("probes, full", [(10, True), (1, False)])
+def test_class_index_recall_is_measured_on_the_training_pixels(monkeypatch, probes, full):
+    """Every RECALL_INTERVAL steps the scorer measures the index's recall of the exact k + 1 nearest on
+    the step's own pixels; probing every cluster is the exact search (100%), probing one is not."""
+    from scaleseg.models.heads import scorers
+    from scaleseg.search import index_recall, nearest_classes
+
+    monkeypatch.setattr(scorers, "RECALL_INTERVAL", 2)
+    torch.manual_seed(0)
+    model, _ = model_for(300, "model.head.embedding.search_index=ivf", "model.head.embedding.index_clusters=10",
+                         f"model.head.embedding.index_probes={probes}")
+    scorer = model.head.scorer
+    images, target = torch.randn(2, 3, 16, 16), torch.randint(0, 300, (2, 16, 16))
+    model.train()
+    model.loss(model(images), target)
+    assert model.training_stats() == {}  # step 0: not measured yet
+    out = model(images)
+    model.loss(out, target)  # step 1: measured (steps % 2 == 0 after it)
+    recall = model.training_stats()["index_recall"]
+    with torch.no_grad():  # the same measurement by hand: every loss pixel (fewer than RECALL_PIXELS)
+        x = F.normalize(F.interpolate(out["scores"], size=(16, 16), mode="bilinear", align_corners=False), dim=1)
+        q = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        E = scorer.classes()
+        want = 100 * index_recall(scorer.class_index.search(q, E, 8), nearest_classes(q, E, 8))
+    assert recall == pytest.approx(want)
+    assert (recall == 100.0) is full
+
+
 def test_pyramid_levels_share_the_index_and_the_cache_stepped_once_per_step():
     torch.manual_seed(0)
     model, _ = model_for(50, "model.head.structure=pyramid", "model.head.pyramid.semantic_channels=16",
@@ -119,7 +147,11 @@ def test_pyramid_levels_share_the_index_and_the_cache_stepped_once_per_step():
 ])
 def test_resume_continues_exactly_with_cached_state(tmp_path, tiny_overrides, monkeypatch, extra):
     """Interrupted after the checkpoint at iteration 3 (between refreshes of the index and of the
-    regulariser's pairs), resumed: the same losses and weights, the cached state included."""
+    regulariser's pairs), resumed: the same losses and weights, the cached state included (and with the
+    index, its recall logged every RECALL_INTERVAL steps, here 2)."""
+    from scaleseg.models.heads import scorers
+
+    monkeypatch.setattr(scorers, "RECALL_INTERVAL", 2)
     overrides = tiny_overrides + ["model.head.scorer=embedding", *extra]
     straight = tmp_path / "straight"
     Trainer(load_config(None, overrides), work_dir=straight).run()
@@ -139,6 +171,11 @@ def test_resume_continues_exactly_with_cached_state(tmp_path, tiny_overrides, mo
     a, _ = read_scalars(straight)
     b, _ = read_scalars(crashed)
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r.get("index_recall") for r in a] == [r.get("index_recall") for r in b]
+    if "model.head.embedding.search_index=ivf" in extra:
+        assert 0 < a[-1]["index_recall"] <= 100 and "index recall" in (straight / "train.log").read_text()
+    else:
+        assert "index_recall" not in a[-1]
     wa = load_checkpoint(straight / "iter_000006.pth")["model"]
     wb = load_checkpoint(crashed / "iter_000006.pth")["model"]
     assert any(k.endswith("margin_cache.steps") for k in wa) and int(wa["head.scorer.margin_cache.steps"]) == 6

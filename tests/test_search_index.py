@@ -129,6 +129,62 @@ def test_class_index_refresh_cadence_and_state():
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), state.values()))
 
 
+def _members(index: ClassIndex) -> list[set[int]]:
+    order, offsets = index.order.tolist(), index.offsets.tolist()
+    return [set(order[offsets[i] : offsets[i + 1]]) for i in range(index.num_clusters)]
+
+
+def test_class_index_reassigns_every_class_to_its_nearest_centroid_between_refreshes():
+    """Between k-means refreshes the centroids stay and the inverted lists follow the classes: after a
+    step that is not a refresh, each list holds exactly the classes whose nearest current centroid it is
+    (brute force); with `reassign` beyond the refresh interval the lists stay those of the last refresh."""
+    E = clustered(600)
+    moved = F.normalize(E + 0.4 * torch.randn(E.shape, generator=torch.Generator().manual_seed(1)), dim=1)
+    following = ClassIndex(600, 12, clusters=20, probes=3, refresh=10)
+    frozen = ClassIndex(600, 12, clusters=20, probes=3, refresh=10, reassign=1000)
+    for index in (following, frozen):
+        assert index.step(E) is True  # first step: built
+        centroids = index.centroids.clone()
+        built = _members(index)
+        assert index.step(moved) is False  # not a refresh
+        assert torch.equal(index.centroids, centroids)
+    nearest = torch.cdist(moved, following.centroids).argmin(dim=1)
+    assert _members(following) == [set(torch.nonzero(nearest == i)[:, 0].tolist()) for i in range(20)]
+    assert _members(frozen) == built and _members(following) != built
+    # the followed lists find the moved classes' own neighbours again
+    exact = nearest_classes(moved[:200], moved, 8)
+    assert index_recall(following.search(moved[:200], moved, 8), exact) > index_recall(
+        frozen.search(moved[:200], moved, 8), exact)
+
+
+def test_reassignment_searches_only_the_classes_that_left_their_slack_and_stays_exact():
+    """A class is searched again only once it has moved at least its slack (half the gap between its two
+    nearest centroids) from where it was assigned; the lists still equal a brute-force assignment after
+    many small steps, and after a state_dict round trip (the derived state is rebuilt, not loaded)."""
+    g = torch.Generator().manual_seed(2)
+    E = clustered(800)
+    index = ClassIndex(800, 12, clusters=25, probes=3, refresh=1000)
+    index.step(E)
+    assert index.assign(E) == 0  # nothing moved: nothing searched
+    searched_in_all = 0
+    for _ in range(6):
+        step = torch.zeros_like(E)
+        touched = torch.randperm(800, generator=g)[:40]  # a few classes move per step, as in training
+        step[touched] = 0.15 * torch.randn(40, 12, generator=g)
+        E = F.normalize(E + step, dim=1)
+        searched = index.assign(E)
+        assert searched <= 40  # only the classes moved in this step can have left their slack
+        searched_in_all += searched
+        nearest = torch.cdist(E, index.centroids).argmin(dim=1)
+        assert _members(index) == [set(torch.nonzero(nearest == c)[:, 0].tolist()) for c in range(25)]
+    assert 0 < searched_in_all < 6 * 40  # some moves stayed within the slack, some did not
+    twin = ClassIndex(800, 12, clusters=25, probes=3, refresh=1000)
+    twin.load_state_dict(index.state_dict())
+    assert set(index.state_dict()) == {"centroids", "order", "offsets", "steps"}
+    assert twin.assign(E) == 800  # the derived state is rebuilt in full after a load
+    assert torch.equal(twin.order, index.order) and torch.equal(twin.offsets, index.offsets)
+
+
 def test_faiss_ivf_searches_the_same_clusters():
     pytest.importorskip("faiss", reason="faiss-cpu is in the test extras; install '.[test]'")
     E = clustered(5000)

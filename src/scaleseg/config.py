@@ -182,14 +182,15 @@ class EmbeddingConfig:
     index_min_classes: int = 50_000  # auto: an index from this many classes on
     index_clusters: int = 0  # clusters of the index; 0 = round(sqrt(C))
     index_probes: int = 8  # clusters searched per query
-    index_refresh: int = 100  # training steps between k-means refreshes of the index
+    index_refresh: int = 100  # training steps between k-means refreshes of the index's centroids
+    index_reassign: int = 1  # training steps between re-assignments of every class to its nearest centroid
     margin_refresh: int = 100  # steps between refreshes of the regulariser's cached pairs (1: exact ESS Eq. 7)
     margin_candidates: int = 1  # cached nearest other classes per class; the hinge takes the nearest
     full_implementation: Literal["auto", "linear", "tiled"] = "auto"  # exact loss: PyTorch's chunked linear CE or ours
 
     def validate(self, key: str) -> None:
         for name in ("embed_dim", "num_neighbours", "search_budget_mb", "search_block", "index_probes",
-                     "index_refresh", "margin_refresh", "margin_candidates", "index_min_classes"):
+                     "index_refresh", "index_reassign", "margin_refresh", "margin_candidates", "index_min_classes"):
             _positive(getattr(self, name), f"{key}.{name}")
         if self.index_clusters < 0:
             raise ConfigError(f"{key}.index_clusters = {self.index_clusters}: must be >= 0 (0 = round(sqrt(C)))")

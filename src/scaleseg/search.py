@@ -259,41 +259,102 @@ class ClassIndex(nn.Module):
         order (C,) int32     class ids sorted by cluster; cluster l holds order[offsets[l]:offsets[l+1]]
         offsets (L + 1,)     int64
         steps ()             training steps seen by `step` (0 = never built)
-    `step(classes)` is called once per training step: it builds the index at the first step and
-    refreshes it every `refresh` steps (k-means warm-started from the current centroids, `refresh_iters`
-    Lloyd iterations, then every class re-assigned). Between refreshes the clusters are those of the
-    last refresh while the classes' embeddings are always the current ones: a class that has moved
-    into another cluster's region is still found by queries probing its old cluster.
+    `step(classes)` is called once per training step: it builds the index at the first step, refreshes
+    the centroids every `refresh` steps (k-means warm-started from the current centroids, `refresh_iters`
+    Lloyd iterations, then every class re-assigned) and in between re-assigns every class to its nearest
+    current centroid every `reassign` steps (one C x L search, no centroid update). The re-assignment is
+    what keeps the index's recall: the classes that move are the ones the pixels are near (targets and
+    hard negatives), and a class left in the cluster of an old position is missed by the queries that are
+    now near it, which then never push it away (with `reassign` = `refresh` = 100 the recall of the k + 1
+    nearest on the training pixels fell from 75% to under 5% within 50 steps and the built-in run lost
+    nearly all its accuracy; docs/benchmarks.md). Scoring always uses the classes' current embeddings.
     `search` scores the classes of each query's `probes` nearest clusters and returns the k nearest
     among them; queries whose probed clusters hold fewer than k classes fall back to the exact search.
     """
 
     def __init__(self, num_classes: int, embed_dim: int, clusters: int = 0, probes: int = 8,
-                 refresh: int = 100, build_iters: int = 10, refresh_iters: int = 1, seed: int = 0) -> None:
+                 refresh: int = 100, build_iters: int = 10, refresh_iters: int = 1, seed: int = 0,
+                 reassign: int = 1) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.num_clusters = clusters or auto_clusters(num_classes)
         self.probes = min(probes, self.num_clusters)
         self.refresh, self.build_iters, self.refresh_iters, self.seed = refresh, build_iters, refresh_iters, seed
+        self.reassign = reassign
         self.register_buffer("centroids", torch.zeros(self.num_clusters, embed_dim))
         self.register_buffer("order", torch.zeros(num_classes, dtype=torch.int32))
         self.register_buffer("offsets", torch.zeros(self.num_clusters + 1, dtype=torch.int64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        # Not in checkpoints (derived; rebuilt by the first re-assignment after a resume): each class's
+        # cluster, its embedding when it was assigned (the anchor), and its slack, half the gap between its
+        # distances to its nearest and second-nearest centroid. While a class stays within its slack of
+        # its anchor its nearest centroid cannot change (triangle inequality), so only the classes that
+        # moved further are searched again. A slack of -inf: never assigned. Fixed shapes, so a training
+        # step's buffer restore (a skipped step) applies to them like to any buffer.
+        self.register_buffer("assigned", torch.zeros(num_classes, dtype=torch.int64), persistent=False)
+        self.register_buffer("anchors", torch.zeros(num_classes, embed_dim), persistent=False)
+        self.register_buffer("slack", torch.full((num_classes,), -math.inf), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"classes={self.num_classes}, clusters={self.num_clusters}, probes={self.probes}, refresh={self.refresh}"
+        return (f"classes={self.num_classes}, clusters={self.num_clusters}, probes={self.probes}, "
+                f"refresh={self.refresh}, reassign={self.reassign}")
 
     def is_built(self) -> bool:
         return int(self.offsets[-1]) == self.num_classes
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # loaded lists: the derived assignment state is rebuilt from the table at the next re-assignment
+        self.slack.fill_(-math.inf)
+
     @torch.no_grad()
     def step(self, classes: torch.Tensor, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> bool:
-        """Count one training step; build or refresh the index when due. Returns whether it did."""
+        """Count one training step; build or refresh the index when due, else re-assign the classes to
+        the centroids when due. Returns whether it refreshed (k-means)."""
         due = not self.is_built() or int(self.steps) % self.refresh == 0
         if due:
             self.rebuild(classes, budget_bytes)
+        elif int(self.steps) % self.reassign == 0:
+            self.assign(classes, budget_bytes)
         self.steps += 1
         return due
+
+    @torch.no_grad()
+    def assign(self, classes: torch.Tensor, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> int:
+        """Every class to its nearest current centroid (the inverted lists; centroids unchanged). Exact,
+        searching only the classes that moved beyond their slack since their last assignment (all of them
+        the first time, e.g. after a resume). Returns how many classes were searched."""
+        with section(INDEX):
+            x = classes.detach().float()
+            rows = torch.nonzero((x - self.anchors).norm(dim=1) >= self.slack)[:, 0]
+            if rows.numel():
+                self._assign_rows(x, rows, budget_bytes)
+            return int(rows.numel())
+
+    def _assign_rows(self, x: torch.Tensor, rows: torch.Tensor | None, budget_bytes: int) -> None:
+        """Re-assign the classes `rows` (None: all) of the table x (C, d) to their nearest centroid."""
+        part = x if rows is None else x.index_select(0, rows)
+        two = min(2, self.num_clusters)
+        near = nearest_classes(part, self.centroids, two, budget_bytes=budget_bytes)  # (n, 2), nearest first
+        dist = (part[:, None, :] - self.centroids[near]).norm(dim=2)  # (n, 2)
+        slack = (dist[:, 1] - dist[:, 0]) / 2 if two == 2 else torch.full_like(dist[:, 0], math.inf)
+        if rows is None:
+            before = None
+            self.assigned.copy_(near[:, 0])
+            self.anchors.copy_(part)
+            self.slack.copy_(slack)
+        else:  # never assigned (-inf slack, e.g. after a load) counts as changed
+            before = torch.where(torch.isinf(self.slack.index_select(0, rows)), -1, self.assigned.index_select(0, rows))
+            self.assigned.index_copy_(0, rows, near[:, 0])
+            self.anchors.index_copy_(0, rows, part)
+            self.slack.index_copy_(0, rows, slack)
+        if before is None or bool((before != near[:, 0]).any()):
+            self._fill_lists(self.assigned)
+
+    def _fill_lists(self, assign: torch.Tensor) -> None:
+        self.order.copy_(torch.argsort(assign, stable=True))
+        self.offsets[1:] = torch.cumsum(torch.bincount(assign, minlength=self.num_clusters), 0)
+        self.offsets[0] = 0
 
     @torch.no_grad()
     def rebuild(self, classes: torch.Tensor, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
@@ -312,11 +373,8 @@ class ClassIndex(nn.Module):
                                    budget_bytes=budget_bytes)
                 centroids = kmeans(x, self.num_clusters, 1, init=centroids, generator=generator,
                                    budget_bytes=budget_bytes)
-            assign = nearest_classes(x, centroids, 1, budget_bytes=budget_bytes)[:, 0]
             self.centroids.copy_(centroids)
-            self.order.copy_(torch.argsort(assign, stable=True))
-            self.offsets[1:] = torch.cumsum(torch.bincount(assign, minlength=self.num_clusters), 0)
-            self.offsets[0] = 0
+            self._assign_rows(x, None, budget_bytes)
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, classes: torch.Tensor, k: int, *,

@@ -130,6 +130,12 @@ class _Window:
     sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
+def _training_stats(model) -> dict[str, float]:
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the Segmentor
+    stats = getattr(inner, "training_stats", None)
+    return stats() if callable(stats) else {}
+
+
 class LogWriter(Hook):
     """Every train.log_interval iterations (and at the last): one log line and one scalars.jsonl record
     (and TensorBoard scalars) with the loss terms averaged over the steps not skipped (and over
@@ -178,6 +184,9 @@ class LogWriter(Hook):
         grad_norm = w.grad_norm / w.good if t.cfg.optim.clip_grad_norm is not None and w.good else None
         if grad_norm is not None:
             loss_text += f"  grad norm {grad_norm:.2f}"
+        stats = _training_stats(t.model)  # the head's own (the class index's recall, %, last measured)
+        for name, value in stats.items():
+            loss_text += f"  {name.replace('_', ' ')} {value:.1f}%"
         if w.good < w.steps:
             loss_text += f"  skipped steps {w.steps - w.good}"
         if bad_samples:
@@ -190,6 +199,7 @@ class LogWriter(Hook):
                   "data_time": w.data / w.steps, f"peak_mem_mb_{kind}": mem}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
+        record.update(stats)
         if w.good < w.steps:
             record["skipped_steps"] = w.steps - w.good
         if bad_samples:

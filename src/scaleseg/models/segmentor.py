@@ -56,6 +56,10 @@ class Segmentor(nn.Module):
             return self.head.dense_with_counts(self(images), images.shape[-2:])
         return self.head.dense_with_counts(self(images), images.shape[-2:], target)
 
+    def training_stats(self) -> dict[str, float]:
+        """The head's figures about its training state (e.g. "index_recall"), for the training log."""
+        return self.head.training_stats()
+
     def decide(self, dense: torch.Tensor, chunk_classes: int | None = None) -> torch.Tensor:
         """Class ids (B, H, W) from an (averaged) dense map; `chunk_classes`: see ClassScorer.decide."""
         return self.head.decide(dense, chunk_classes)

@@ -35,6 +35,7 @@ def build_scorer(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_ind
         index_clusters=e.index_clusters,
         index_probes=e.index_probes,
         index_refresh=e.index_refresh,
+        index_reassign=e.index_reassign,
         margin_refresh=e.margin_refresh,
         margin_candidates=e.margin_candidates,
         full_implementation=e.full_implementation,

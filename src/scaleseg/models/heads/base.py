@@ -33,6 +33,7 @@ embedding channels for ESS), C classes; h, w the feature grid; H, W the image.
         size_divisor: int                               inputs are padded to a multiple of it
         scorers: [ClassScorer]                          every scorer, the one that decides last
         class_table(raw=False), param_groups()          as the scorers', a shared table listed once
+        training_stats() -> {name: float}               the scorers' figures for the training log
 
 Nothing here keeps state between calls: evaluation is a pure function of the weights.
 """
@@ -72,6 +73,11 @@ class ClassScorer(nn.Module, ABC):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"head": list(self.parameters())}
 
+    def training_stats(self) -> dict[str, float]:
+        """Figures about the scorer's own training state for the training log (e.g. the class index's
+        recall); {} by default."""
+        return {}
+
 
 class SegmentationHead(nn.Module, ABC):
     """An output structure over one or more class scorers. See the module docstring."""
@@ -108,6 +114,13 @@ class SegmentationHead(nn.Module, ABC):
 
     def class_table(self, raw: bool = False) -> torch.Tensor | None:
         return self.scorers[-1].class_table(raw)
+
+    def training_stats(self) -> dict[str, float]:
+        """The scorers' `training_stats`, for the training log (a table shared by several scorers: once)."""
+        stats: dict[str, float] = {}
+        for scorer in self.scorers:
+            stats.update(scorer.training_stats())
+        return stats
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """The scorers' groups (a parameter shared by several scorers listed once) and every other

@@ -21,6 +21,11 @@ from scaleseg.search import nearest_class
 
 # True while inference decides a single view (no averaging over windows, scales or flips): dense
 # maps then need not be averageable, and the linear scorer skips its softmax (engine/inference.py)
+# Training steps between measurements of the class index's recall (the k + 1 nearest of up to
+# RECALL_PIXELS of the step's loss pixels, exact against the index), logged as `index_recall`; measured
+# at steps 49, 99, ... (0-based), the last before each default refresh, where the index is stalest.
+RECALL_INTERVAL = 50
+RECALL_PIXELS = 1024
 _ONE_VIEW = contextvars.ContextVar("scaleseg_one_view", default=False)
 
 
@@ -112,6 +117,7 @@ class EmbeddingScorer(ClassScorer):
         index_clusters: int = 0,
         index_probes: int = 8,
         index_refresh: int = 100,
+        index_reassign: int = 1,
         margin_refresh: int = 100,
         margin_candidates: int = 1,
         full_implementation: str = "auto",
@@ -133,8 +139,8 @@ class EmbeddingScorer(ClassScorer):
         # nearest negatives and the regulariser's refreshes, and the margin cache
         use_index = search_index == "ivf" or (search_index == "auto" and num_classes >= index_min_classes)
         searches = (loss == "knn" and negatives == "nearest") or margin_weight > 0
-        self.class_index = (ClassIndex(num_classes, embed_dim, index_clusters, index_probes, index_refresh)
-                            if use_index and searches else None)
+        self.class_index = (ClassIndex(num_classes, embed_dim, index_clusters, index_probes, index_refresh,
+                                       reassign=index_reassign) if use_index and searches else None)
         self.margin_cache = MarginCache(num_classes, margin_refresh, margin_candidates) if margin_weight > 0 else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -161,6 +167,8 @@ class EmbeddingScorer(ClassScorer):
             t = target.reshape(-1)
             E = self.classes()
             index = self._class_index(E, step=training and regularize)
+            if index is not None and training and regularize and int(index.steps) % RECALL_INTERVAL == 0:
+                self._measure_recall(x, t, E, index)
             blocks = self.loss_kind == "knn" and self.negatives == "nearest" and self.search_block > 1
             if blocks and not dense_logits_fit(x.shape[0], E.shape[0], 4, self.search["budget_bytes"]):
                 # one search per block of pixels, its candidates gathered once per block
@@ -187,6 +195,25 @@ class EmbeddingScorer(ClassScorer):
                 terms["margin"] = self.margin_weight * self.margin_cache(
                     E, self.margin, training=training, index=index, **self.search)
         return terms
+
+    @torch.no_grad()
+    def _measure_recall(self, x: torch.Tensor, t: torch.Tensor, E: torch.Tensor, index) -> None:
+        """The index's recall of the exact k + 1 nearest classes on (up to RECALL_PIXELS, evenly spaced)
+        of this step's loss pixels, in percent (`training_stats`)."""
+        from scaleseg.search import index_recall, nearest_classes
+
+        x = x[t != self.ignore_index]
+        if x.shape[0] == 0:
+            return
+        q = x[torch.linspace(0, x.shape[0] - 1, min(RECALL_PIXELS, x.shape[0]), device=x.device).long()].detach()
+        k = min(self.k + 1, E.shape[0])
+        exact = nearest_classes(q, E, k, budget_bytes=self.search["budget_bytes"])
+        found = index.search(q, E, k, budget_bytes=self.search["budget_bytes"], backend=self.search["backend"])
+        self.index_recall = 100 * index_recall(found, exact)
+
+    def training_stats(self) -> dict[str, float]:
+        recall = getattr(self, "index_recall", None)
+        return {} if recall is None else {"index_recall": recall}
 
     def _class_index(self, classes: torch.Tensor, step: bool):
         """The approximate class index to search with (None: exact search). It is stepped (built,
