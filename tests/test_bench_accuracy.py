@@ -108,7 +108,7 @@ def test_variant_overrides_give_the_intended_configs():
 
 def test_table_6_variants_are_the_synthetic_configs_at_the_default_runs_optimiser():
     """single = the default run, single-semantic = configs/synthetic/single_semantic.yaml, pyramid =
-    configs/synthetic/pyramid.yaml; the -noctx variants differ from them by the contextual module alone."""
+    configs/synthetic/pyramid.yaml; the -noctx / -anl / -anl-multi variants differ from them by the context alone."""
     cfgs = {v: load_config(None, accuracy.run_overrides(v, 1000, 0)) for v in accuracy.PYRAMID_VARIANTS}
     assert set(accuracy.PYRAMID_VARIANTS).isdisjoint(accuracy.DEFAULT_VARIANTS)
     default = load_config(None)
@@ -116,10 +116,12 @@ def test_table_6_variants_are_the_synthetic_configs_at_the_default_runs_optimise
              "pyramid": load_config(REPO / "configs/synthetic/pyramid.yaml")}
     for name, cfg in cfgs.items():
         assert cfg.optim == default.optim and cfg.data == default.data, name
-        base = files[name.removesuffix("-noctx")]
-        if name.endswith("-noctx"):
-            assert cfg.model.head.pyramid.context is False and base.model.head.pyramid.context is True
-            cfg.model.head.pyramid.context = True
+        contexts = {"-noctx": False, "-anl-multi": "anl_multi", "-anl": "anl"}  # longest suffix first
+        suffix = next((end for end in contexts if name.endswith(end)), "")
+        base = files[name.removesuffix(suffix) if suffix else name]
+        context = contexts.get(suffix, True)
+        assert cfg.model.head.pyramid.context == context and base.model.head.pyramid.context is True, name
+        cfg.model.head.pyramid.context = True
         assert cfg.model == base.model, name
 
 
@@ -177,3 +179,32 @@ def test_collect_merges_outputs_run_apart_into_the_report_of_one_run(tmp_path, c
     assert "different settings (--iters [3, 5]" in capsys.readouterr().err
     assert main(["bench", "accuracy", "--collect", str(tmp_path / "nothing"), "--out", str(tmp_path / "z")]) == 2
     assert "not a `scaleseg bench accuracy` output" in capsys.readouterr().err
+
+
+def test_pyramid_runs_are_also_read_at_their_finest_level(tmp_path, capsys):
+    """S&F Table 8 by the same command: every pyramid run also gets a `<variant>@finest` record, its own
+    checkpoint evaluated with eval.pyramid_readout=finest, equal to evaluating it with tau = 1 (the
+    definition of the finest level alone); single-level runs get none."""
+    out = tmp_path / "acc"
+    assert main(["bench", "accuracy", "--classes", "6", "--variants", "single-semantic,pyramid", "--iters", "2",
+                 *TINY_SET, "--set", "model.head.pyramid.semantic_channels=16",
+                 "--set", "model.head.pyramid.unity_channels=8", "--set", "model.head.pyramid.tau=0.3",
+                 "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "accuracy.json").read_text())
+    assert [(r["variant"], r["status"]) for r in report["records"]] == [
+        ("single-semantic", "ok"), ("pyramid", "ok"), ("pyramid@finest", "ok")]
+    finest = report["records"][2]
+    work_dir = out / "pyramid_C6_seed0"
+    assert main(["eval", str(work_dir), "model.head.pyramid.tau=1.0", "--out", str(tmp_path / "tau1"),
+                 "--no-progress"]) == 0
+    tau1 = json.loads((tmp_path / "tau1" / "metrics.json").read_text())
+    assert {k: finest[k] for k in accuracy.METRICS} == {k: tau1[k] for k in accuracy.METRICS}
+    assert tau1["level_stride_4"] == 100.0
+    fused = json.loads((work_dir / "eval" / "iter_000002" / "metrics.json").read_text())
+    assert fused["level_stride_4"] < 100.0  # the fused reading took pixels from coarse levels (tau 0.3)
+    assert [row["variant"] for row in report["summary"]] == ["single-semantic", "pyramid", "pyramid@finest"]
+    assert "| pyramid@finest |" in (out / "accuracy.md").read_text()
+    # the option itself refuses a single-level head, naming the key
+    assert main(["eval", str(out / "single-semantic_C6_seed0"), "eval.pyramid_readout=finest",
+                 "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "eval.pyramid_readout = 'finest' needs a pyramid head" in capsys.readouterr().err

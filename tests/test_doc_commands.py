@@ -113,6 +113,10 @@ def metrics(path: str):
     return check
 
 
+def _assert(condition: bool) -> None:
+    assert condition
+
+
 def table9_in(path: str):
     """metrics.json of a pyramid evaluation holds S&F Table 9's cells for the levels that decided pixels."""
     def check(ws: Path) -> None:
@@ -242,6 +246,10 @@ COMMANDS: dict[str, Case] = {
     "scaleseg eval work_dirs/synthetic_pyramid": Case(
         needs=["scaleseg train configs/synthetic/pyramid.yaml"], append=["--out", "eval/table9"],
         check=lambda ws: (metrics("eval/table9")(ws), table9_in("eval/table9")(ws))),
+    "scaleseg eval work_dirs/synthetic_pyramid eval.pyramid_readout=finest": Case(
+        needs=["scaleseg train configs/synthetic/pyramid.yaml"], append=["--out", "eval/finest"],
+        check=lambda ws: (metrics("eval/finest")(ws),
+                          _assert(json.loads((ws / "eval/finest/metrics.json").read_text())["level_stride_4"] == 100.0))),
     "scaleseg eval work_dirs/synthetic_pyramid model.head.pyramid.tau=1.0": Case(
         needs=["scaleseg train configs/synthetic/pyramid.yaml"], append=["--out", "eval/tau1"], check=metrics("eval/tau1")),
     # ---- README: Benchmarks and analyses

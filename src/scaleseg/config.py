@@ -211,7 +211,9 @@ class PyramidConfig:
     strides: tuple[int, ...] = (4, 8, 16, 32)  # output strides of the levels; the finest = the features' stride
     unity_channels: int = 64  # D_u of the unity head
     semantic_channels: int = 512  # D_s of the semantic head
-    context: bool = True  # the coarse-to-fine contextual module; false = the "simplest" head of Table 6
+    # the coarse-to-fine contextual module (true); false = the "simplest" head of Table 6; "anl": one ANL block
+    # on the head's input (Table 6's "ANL"), "anl_multi": one per pyramid level (Table 6's "ANL-multi")
+    context: Union[bool, Literal["anl", "anl_multi"]] = True
     context_bins: tuple[int, ...] = (1, 3, 6, 8)  # pyramid pooling of the context (S&F Eq. 6)
     tau: float = 0.9  # unity threshold of the fuse (S&F Eq. 2); >= 1 uses the finest level alone
     relabel: Literal["done_by_coarser", "simple_fix", "naive"] = "done_by_coarser"  # Table 7's policies
@@ -436,6 +438,8 @@ class EvalConfig:
     stride: Size = (341, 341)
     scales: tuple[float, ...] = (1.0,)  # multi-scale test, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
     flip: bool = False  # also average the horizontally flipped image
+    # pyramid heads: "fused" (S&F Eq. 2) or "finest", the finest level alone (S&F Table 8's "aux. supervision")
+    pyramid_readout: Literal["fused", "finest"] = "fused"
 
     def validate(self, key: str) -> None:
         _positive_size(self.crop_size, f"{key}.crop_size")

@@ -653,3 +653,67 @@ def test_table9_and_unity_precision_recall_match_a_per_pixel_reference(scorer):
     labels, again = predict_labels_with_counts(model, images, EvalConfig(), target)
     assert torch.equal(again["table9"], own["table9"]) and torch.equal(again["unity_tp"], own["unity_tp"])
     assert torch.equal(labels, predict_labels(model, images, EvalConfig()))
+
+
+# ------------------------------------------------------------------ ANL and ANL-multi (S&F Table 6's other columns)
+
+
+def test_asymmetric_non_local_block_matches_its_equations_written_out():
+    """APNB (ANL, Zhu et al. 2019): attention of every pixel over the pyramid-pooled keys, written here with
+    F.adaptive_avg_pool2d and explicit softmax, against the module with the same weights."""
+    from scaleseg.models.heads.pyramid import AsymmetricNonLocal
+
+    torch.manual_seed(0)
+    block = AsymmetricNonLocal(8, (1, 3, 6)).eval()
+    x = torch.randn(2, 8, 11, 13)
+    with torch.no_grad():
+        k = block.key(x)  # (2, 4, 11, 13)
+        v = block.value(x)
+        keys, values = (torch.cat([F.adaptive_avg_pool2d(t, b).flatten(2) for b in (1, 3, 6)], dim=2)
+                        for t in (k, v))  # (2, 4, 46)
+        logits = torch.einsum("bcn,bcs->bns", k.flatten(2), keys) / 2.0  # sqrt(4)
+        weights = logits.exp() / logits.exp().sum(dim=2, keepdim=True)
+        attended = torch.einsum("bns,bcs->bcn", weights, values).reshape(2, 4, 11, 13)
+        want = block.fuse(torch.cat([block.out(attended), x], dim=1))
+        got = block(x)
+    assert keys.shape[-1] == 1 + 9 + 36
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_anl_context_modes_place_the_blocks_as_table6_says():
+    """"anl": one block on the head's input, seen by the unity and the semantic head alike; "anl_multi": one
+    block per pyramid level in the semantic head, no coarse-to-fine module; both train."""
+    from scaleseg.models.heads.pyramid import AsymmetricNonLocal
+
+    torch.manual_seed(0)
+    single, _ = pyramid_model(6, "model.head.pyramid.context=anl")
+    head = single.head
+    assert isinstance(head.anl, AsymmetricNonLocal) and not hasattr(head.semantic_head, "aggregate")
+    assert not hasattr(head.semantic_head, "anl") and not hasattr(head.semantic_head, "anl_levels")
+    seen = {}
+    head.unity_head.register_forward_pre_hook(lambda m, args: seen.__setitem__("unity", args[0]))
+    head.semantic_head.register_forward_pre_hook(lambda m, args: seen.__setitem__("semantic", args[0]))
+    head.anl.register_forward_hook(lambda m, args, out: seen.__setitem__("anl", out))
+    images, target = torch.randn(2, 3, 64, 64), torch.randint(0, 6, (2, 64, 64))
+    single(images)
+    assert seen["unity"] is seen["anl"] and seen["semantic"] is seen["anl"]
+    multi, _ = pyramid_model(6, "model.head.pyramid.context=anl_multi")
+    sem = multi.head.semantic_head
+    assert len(sem.anl_levels) == 4 and not hasattr(sem, "aggregate") and not hasattr(multi.head, "anl")
+    channels = [m.fuse[0].out_channels for m in sem.anl_levels]
+    assert channels == [16] * 4  # on D_s, each level's own
+    for model in (single, multi):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        model.train()
+        terms = model.loss(model(images), target)
+        terms["loss"].backward()
+        anl_params = [p for n, p in model.named_parameters() if ".anl" in n]
+        assert anl_params and all(p.grad is not None and torch.isfinite(p.grad).all() for p in anl_params)
+        optimizer.step()
+    # the single-level output behind the semantic head takes the same modes (Table 6's first row)
+    cfg = load_config(None, ["model.head.single_head=semantic", "model.head.pyramid.semantic_channels=16",
+                             "model.decoder.channels=16", "model.decoder.low_level_channels=8",
+                             "model.head.pyramid.context=anl"])
+    plain_row = build_model(cfg.model, 6, IGNORE)
+    assert isinstance(plain_row.head.semantic_head.anl, AsymmetricNonLocal)
+    assert plain_row(images)["scores"].shape == (2, 6, 16, 16)

@@ -93,6 +93,13 @@ PYRAMID_VARIANTS: dict[str, tuple[str, list[str]]] = {
                 "module (Table 6 'Pyramid', 'ours')", _PYRAMID),
     "pyramid-noctx": ("the pyramidal output without the contextual module (Table 6 'Pyramid', '-')",
                       [*_PYRAMID, "model.head.pyramid.context=false"]),
+    "single-semantic-anl": ("single-level output behind the semantic head with one ANL block on its input instead "
+                            "of the contextual module (Table 6 'Single (standard)', 'ANL')",
+                            ["model.head.single_head=semantic", *_SEMANTIC, "model.head.pyramid.context=anl"]),
+    "pyramid-anl": ("the pyramidal output with one ANL block on the head's input, no contextual module "
+                    "(Table 6 'Pyramid', 'ANL')", [*_PYRAMID, "model.head.pyramid.context=anl"]),
+    "pyramid-anl-multi": ("the pyramidal output with one ANL block per level instead of the contextual module "
+                          "(Table 6 'Pyramid', 'ANL-multi')", [*_PYRAMID, "model.head.pyramid.context=anl_multi"]),
 }
 VARIANTS.update(PYRAMID_VARIANTS)
 DEFAULT_CLASSES = (150, 1000)
@@ -189,6 +196,20 @@ def train_one(cfg, work_dir: Path) -> dict:
     return Trainer(cfg, work_dir=work_dir, resume=False).run()
 
 
+READOUT = "@finest"  # suffix of the records of a pyramid run read at its finest level alone (Table 8)
+
+
+def evaluate_finest(work_dir: Path, iters: int) -> tuple[dict, Path]:
+    """The trained pyramid run in `work_dir` evaluated with eval.pyramid_readout=finest (S&F Table 8's
+    "aux. supervision": the same weights, the finest level alone); (metrics in percent, metrics.json)."""
+    from scaleseg.cli import main
+
+    out = work_dir / "eval" / f"iter_{iters:06d}_finest"
+    if main(["eval", str(work_dir), "eval.pyramid_readout=finest", "--out", str(out), "--no-progress", "--show", "0"]):
+        raise ScalesegError(f"the finest-level evaluation of {work_dir} failed (see the messages above)")
+    return json.loads((out / "metrics.json").read_text()), out / "metrics.json"
+
+
 def run_benchmark(args, train=train_one) -> list[dict]:
     """All runs in sequence under one progress bar; writes accuracy.json/.md/.png into args.out."""
     from tqdm import tqdm
@@ -213,6 +234,15 @@ def run_benchmark(args, train=train_one) -> list[dict]:
             record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
         record["seconds"] = round(time.perf_counter() - start, 1)
         records.append(record)
+        if record["status"] == "ok" and cfg.model.head.structure == "pyramid":  # also Table 8's finest reading
+            finest = {**record, "variant": variant + READOUT, "seconds": 0.0}
+            try:
+                metrics, path = evaluate_finest(work_dir, cfg.train.iters)
+                finest.update({k: metrics.get(k) for k in METRICS}, metrics_file=str(path))
+            except Exception as exc:  # noqa: BLE001 - recorded like a failed run
+                finest = {k: v for k, v in finest.items() if k not in METRICS}
+                finest.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+            records.append(finest)
         _write(out, records, args, summary=None)  # partial results, readable while a long benchmark runs
     write_report(out, records, _settings(args))
     return records
@@ -236,6 +266,10 @@ def _write(out: Path, records: list[dict], args, summary: list[dict] | None) -> 
 def write_report(out: Path, records: list[dict], settings: dict) -> list[dict]:
     """accuracy.json (settings, summary, records), accuracy.md and accuracy.png in `out`; the summary."""
     variants, classes = list(settings["variants"]), list(settings["classes"])
+    for v in [r["variant"] for r in records if r["variant"].endswith(READOUT)]:  # after their runs' variant
+        if v not in variants:
+            variants.insert(variants.index(v.removesuffix(READOUT)) + 1 if v.removesuffix(READOUT) in variants
+                            else len(variants), v)
     summary = aggregate(records, variants, classes)
     (out / "accuracy.json").write_text(
         json.dumps({"settings": settings, "summary": summary, "records": records}, indent=2) + "\n")

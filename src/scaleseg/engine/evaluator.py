@@ -16,6 +16,7 @@ from scaleseg.config import EvalConfig
 from scaleseg.data import skipped_samples
 from scaleseg.engine import distributed
 from scaleseg.engine.inference import predict_labels_with_counts
+from scaleseg.errors import ConfigError
 from scaleseg.metrics import SegmentationMetrics
 
 SUMMARY_KEYS = ("mIoU", "aAcc", "mAcc", "fwIoU", "mDice", "mFscore", "mPrecision", "mRecall")
@@ -37,6 +38,7 @@ def evaluate(
 
     Under torchrun each process evaluates its share of the images (see build_eval_loader) and the
     per-class counts are summed across processes, so every process returns the whole split's metrics."""
+    readout = _pyramid_readout(model.head, cfg.pyramid_readout)  # before anything changes: it may refuse
     was_training = model.training
     model.eval()
     metrics = SegmentationMetrics(num_classes, ignore_index)
@@ -56,6 +58,7 @@ def evaluate(
                 counts[name] += value.to(counts[name].device)
     finally:
         model.train(was_training)
+        readout.close()
     if distributed.is_enabled():  # each process saw its share of the images: add up the counts
         summed = distributed.all_reduce_sum(metrics.counts().to(device))
         num_skipped = int(distributed.all_reduce_sum(torch.tensor([len(skipped)], device=device)))
@@ -68,6 +71,24 @@ def evaluate(
     results["skipped_samples"] = num_skipped if distributed.is_enabled() else len(skipped)
     results["skipped"] = skipped  # this process's, each naming its file
     return results
+
+
+class _pyramid_readout:
+    """eval.pyramid_readout for the evaluation's duration: "finest" fuses nothing (the pyramid's tau at 1,
+    S&F Eq. 2's finest level everywhere: Table 8's "aux. supervision" reading); "fused" changes nothing."""
+
+    def __init__(self, head, readout: str) -> None:
+        self.head, self.saved = head, None
+        if readout == "fused":
+            return
+        if not hasattr(head, "strides") or not hasattr(head, "tau"):
+            raise ConfigError(f"eval.pyramid_readout = {readout!r} needs a pyramid head (model.head.structure: "
+                              "pyramid); this model has a single-level head: use 'fused' (the default)")
+        self.saved, head.tau = head.tau, 1.0
+
+    def close(self) -> None:
+        if self.saved is not None:
+            self.head.tau, self.saved = self.saved, None
 
 
 def summary(results: dict) -> dict[str, float]:

@@ -19,6 +19,8 @@ Choices where the paper is silent (documented in docs/pyramid.md):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,6 +135,46 @@ class UnityHead(nn.Module):
         return out
 
 
+CONTEXT_MODES = ("ours", "none", "anl", "anl_multi")
+
+
+def context_mode(context) -> str:
+    """`pyramid.context` as a mode: true -> "ours" (the coarse-to-fine module), false -> "none" (Table 6's
+    "-"), or "anl" / "anl_multi" (Table 6's other columns)."""
+    mode = {True: "ours", False: "none"}.get(context, context) if isinstance(context, bool) else context
+    if mode not in CONTEXT_MODES:
+        raise ValueError(f"unknown context {context!r}; use true, false, 'anl' or 'anl_multi'")
+    return mode
+
+
+class AsymmetricNonLocal(nn.Module):
+    """ANL's asymmetric pyramid non-local block (APNB; Zhu et al., ICCV 2019), the comparison module of
+    S&F Table 6: every pixel attends to the `bins` pyramid-pooled positions (1 + 9 + 36 + 64 = 110 for
+    (1, 3, 6, 8)) instead of every pixel. Query and key share one Conv1x1-BN-ReLU to C/2 channels, the
+    value is a Conv1x1 to C/2; attention softmax(q^T k / sqrt(C/2)) over the pooled positions; the
+    attended values go through a Conv1x1 back to C and are fused with the input by Conv1x1-BN-ReLU of
+    their concatenation (ANL's APNB output). (B, C, h, w) -> (B, C, h, w)."""
+
+    def __init__(self, channels: int, bins, norm_layer: NormLayer | None = None) -> None:
+        super().__init__()
+        norm2d = norm_layer or nn.BatchNorm2d
+        inner = max(1, channels // 2)
+        self.bins = tuple(bins)
+        self.key = conv_norm_relu(channels, inner, 1, norm2d)  # query and key alike
+        self.value = nn.Conv2d(channels, inner, 1)
+        self.out = nn.Conv2d(inner, channels, 1)
+        self.fuse = conv_norm_relu(2 * channels, channels, 1, norm2d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, h, w = x.shape
+        k = self.key(x)  # (B, C', h, w)
+        keys = pyramid_pool(k, self.bins)  # (B, C', S)
+        values = pyramid_pool(self.value(x), self.bins)  # (B, C', S)
+        attention = torch.softmax(k.flatten(2).transpose(1, 2) @ keys / math.sqrt(k.shape[1]), dim=-1)  # (B, hw, S)
+        attended = (values @ attention.transpose(1, 2)).view(B, -1, h, w)  # (B, C', h, w)
+        return self.fuse(torch.cat([self.out(attended), x], dim=1))
+
+
 class ContextAggregation(nn.Module):
     """CA (S&F Eq. 8-9): attention from the level's cells to the context tokens, concat, Conv1x1-BN-ReLU."""
 
@@ -168,14 +210,16 @@ class ContextUpdate(nn.Module):
 class SemanticHead(nn.Module):
     """Section 4.2: Conv1x1 to D_s, average pooling to every level (S&F Eq. 3), the coarse-to-fine
     contextual module (S&F Eq. 4-11; `context=False` is the "simplest" variant of Table 6), and per level
-    the ConvBlock's Conv1x1-BN-ReLU (its final Conv1x1 to classes is the level's scorer, S&F Eq. 7)."""
+    the ConvBlock's Conv1x1-BN-ReLU (its final Conv1x1 to classes is the level's scorer, S&F Eq. 7).
+    Table 6's other columns: `context="anl"`, one ANL block (`AsymmetricNonLocal`) on the head's input
+    features; `"anl_multi"`, one ANL block on each level (after the pooling, instead of the module)."""
 
     def __init__(
         self,
         in_channels: int,
         channels: int,
         factors: tuple[int, ...],
-        context: bool,
+        context,
         bins,
         norm_layer: NormLayer | None = None,
     ) -> None:
@@ -183,17 +227,26 @@ class SemanticHead(nn.Module):
         norm2d = norm_layer or nn.BatchNorm2d
         self.factors = factors  # every level, coarse to fine; the last is 1
         self.bins = tuple(bins)
+        mode = context_mode(context)
+        if mode == "anl":
+            self.anl = AsymmetricNonLocal(in_channels, self.bins, norm_layer)
         self.project = conv_norm_relu(in_channels, channels, 1, norm2d)  # X -> X^(L)
-        self.context = context
-        if context:
+        self.context = mode == "ours"
+        if mode == "anl_multi":
+            self.anl_levels = nn.ModuleList(AsymmetricNonLocal(channels, self.bins, norm_layer) for _ in factors)
+        if self.context:
             self.aggregate = nn.ModuleList(ContextAggregation(channels, channels // 2, norm_layer) for _ in factors)
             # theta^(L) would feed no level: the finest level has no update module
             self.update = nn.ModuleList(ContextUpdate(channels, self.bins, norm_layer) for _ in factors[:-1])
         self.blocks = nn.ModuleList(conv_norm_relu(channels, channels, 1, norm2d) for _ in factors)
 
     def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
+        if hasattr(self, "anl"):
+            features = self.anl(features)
         x = self.project(features)  # (B, D_s, h, w)
         levels = [F.avg_pool2d(x, f) if f > 1 else x for f in self.factors]  # S&F Eq. 3
+        if hasattr(self, "anl_levels"):
+            levels = [anl(x_level) for anl, x_level in zip(self.anl_levels, levels)]
         if self.context:
             theta = pyramid_pool(x, self.bins)  # theta^(0), S&F Eq. 6: (B, D_s, T)
             refined = []
@@ -245,11 +298,17 @@ class PyramidHead(SegmentationHead):
         self.relabel_tau = tau if relabel_tau is None else relabel_tau
         self.loss_resolution = loss_resolution
         self.ignore_index = ignore_index
+        mode = context_mode(context)
+        if mode == "anl":  # "appending a single ANL to the backbone" (Table 6): both heads see its output
+            self.anl = AsymmetricNonLocal(in_channels, context_bins, norm_layer)
         self.unity_head = UnityHead(in_channels, unity_channels, factors[:-1], norm_layer)
-        self.semantic_head = SemanticHead(in_channels, semantic_channels, factors, context, context_bins, norm_layer)
+        self.semantic_head = SemanticHead(in_channels, semantic_channels, factors, "none" if mode == "anl" else mode,
+                                          context_bins, norm_layer)
         self.scorers = nn.ModuleList(scorers)
 
     def forward(self, features: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        if hasattr(self, "anl"):
+            features = self.anl(features)
         semantic = [scorer(x) for scorer, x in zip(self.scorers, self.semantic_head(features))]
         return {"semantic": semantic, "unity": self.unity_head(features)}
 
