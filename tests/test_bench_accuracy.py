@@ -132,6 +132,9 @@ def test_table_6_variants_are_the_synthetic_configs_at_the_default_runs_optimise
     (["--seeds", ""], "--seeds '': the list is empty"),
     (["--classes", "5"], "variant ess-knn, C = 5: model.head.embedding.num_neighbours = 7"),
     (["--set", "train.iterz=3"], "train.iterz"),
+    (["--memory-budget-gb", "0"], "--memory-budget-gb 0: must be a positive number of GiB"),
+    (["--memory-budget-gb", "nan"], "--memory-budget-gb nan: must be a positive number"),
+    (["--memory-budget-gb", "4", "--max-batch-limit", "1"], "--max-batch-limit 1: must be >= 2"),
 ])
 def test_bench_accuracy_rejects_bad_input(argv, message, tmp_path, capsys):
     assert main(["bench", "accuracy", *argv, "--out", str(tmp_path / "acc")]) == 2
@@ -208,3 +211,51 @@ def test_pyramid_runs_are_also_read_at_their_finest_level(tmp_path, capsys):
     assert main(["eval", str(out / "single-semantic_C6_seed0"), "eval.pyramid_readout=finest",
                  "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
     assert "eval.pyramid_readout = 'finest' needs a pyramid head" in capsys.readouterr().err
+
+
+def test_memory_budget_trains_each_variant_at_its_largest_fitting_batch_for_equal_images(tmp_path):
+    """--memory-budget-gb: the batch search (doubling, then bisection) on each (variant, C)'s own config;
+    each run at its batch for as many images as --iters at the protocol's batch (8); a variant whose batch
+    2 does not fit is recorded, not trained. Fake memory model: peak = 100 + per-image cost x batch MiB."""
+    cost = {("baseline", 40): 30, ("baseline", 400): 400, ("ess-knn", 40): 20, ("ess-knn", 400): 25}
+    measured, trained = [], []
+
+    def measure(overrides, num_classes, batch, crop):
+        variant = "ess-knn" if "model.head.scorer=embedding" in overrides else "baseline"
+        measured.append((variant, num_classes, batch, crop))
+        return {"status": "ok", "peak_mb": 100 + cost[(variant, num_classes)] * batch}
+
+    def train(cfg, work_dir):
+        trained.append((cfg.model.head.scorer, cfg.data.num_classes, cfg.train.seed, cfg.data.batch_size, cfg.train.iters))
+        return {"mIoU": 1.0, "aAcc": 2.0, "mAcc": 3.0, "fwIoU": 4.0}
+
+    args = SimpleNamespace(variants=["baseline", "ess-knn"], classes=[40, 400], seeds=[0, 1], iters=30, set=None,
+                           out=tmp_path / "acc", no_progress=True, memory_budget_gb=0.5, max_batch_limit=32)
+    records = accuracy.run_benchmark(args, train=train, measure=measure)
+    # 512 MiB: baseline 40 -> (512 - 100) // 30 = 13; baseline 400: batch 2 needs 900 MiB; ess-knn -> 20 and 16
+    got = {(r["variant"], r["num_classes"], r["seed"]): (r["status"], r["batch"], r["iters"]) for r in records}
+    assert got == {("baseline", 40, 0): ("ok", 13, 18), ("baseline", 40, 1): ("ok", 13, 18),
+                   ("baseline", 400, 0): ("does not fit", 0, 30), ("baseline", 400, 1): ("does not fit", 0, 30),
+                   ("ess-knn", 40, 0): ("ok", 20, 12), ("ess-knn", 40, 1): ("ok", 20, 12),
+                   ("ess-knn", 400, 0): ("ok", 16, 15), ("ess-knn", 400, 1): ("ok", 16, 15)}
+    assert accuracy.equal_images_iters(30, 8, 13) == 18  # 240 images / 13 = 18.5 -> 18
+    # one search per (variant, C), not per seed, at the run's crop; doubling then bisection
+    assert sorted({m[:2] for m in measured}) == [("baseline", 40), ("baseline", 400), ("ess-knn", 40), ("ess-knn", 400)]
+    assert [m[2] for m in measured if m[:2] == ("baseline", 40)] == [2, 4, 8, 16, 12, 14, 13]
+    assert all(m[3] == 128 for m in measured)
+    assert sorted(trained) == sorted([("linear", 40, s, 13, 18) for s in (0, 1)] + [("embedding", 40, s, 20, 12) for s in (0, 1)]
+                                     + [("embedding", 400, s, 16, 15) for s in (0, 1)])
+    report = json.loads((tmp_path / "acc" / "accuracy.json").read_text())
+    assert report["settings"]["memory_budget_gb"] == 0.5
+    assert report["settings"]["command"].endswith("--memory-budget-gb 0.5 --max-batch-limit 32 --out " + str(tmp_path / "acc"))
+    text = (tmp_path / "acc" / "accuracy.md").read_text()
+    assert "| baseline | 13 | 0 |" in text and "| ess-knn | 20 | 16 |" in text
+
+
+def test_memory_budget_measures_a_real_training_step(tmp_path):
+    """The default measurement: a fresh process runs two training steps of the run's own config."""
+    overrides = accuracy.run_overrides("baseline", 10, 0, 2, TINY_RUN)
+    record = accuracy.measure_batch(overrides, 10, 2, 32)
+    assert record["status"] == "ok" and 100 < record["peak_mb"] < 4096
+    found = accuracy.budget_batch(overrides, 10, 32, budget_gb=record["peak_mb"] / 1024 / 2, limit=4)
+    assert found["batch"] == 0 and found["trials"][0]["fits"] is False  # half of batch 2's peak: nothing fits

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -200,9 +201,16 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     args.seeds = accuracy.parse_ints(args.seeds, "--seeds", 0)
     if args.iters is not None and args.iters < 1:
         raise ScalesegError(f"--iters {args.iters}: must be >= 1")
+    if args.memory_budget_gb is not None and not (math.isfinite(args.memory_budget_gb) and args.memory_budget_gb > 0):
+        raise ScalesegError(f"--memory-budget-gb {args.memory_budget_gb:g}: must be a positive number of GiB")
+    if args.max_batch_limit < 2:
+        raise ScalesegError(f"--max-batch-limit {args.max_batch_limit}: must be >= 2 (BatchNorm needs two images)")
     records = accuracy.run_benchmark(args)
     print(accuracy.format_table(accuracy.aggregate(records, args.variants, args.classes), args.variants, args.classes))
-    failed = [r for r in records if r["status"] != "ok"]
+    for r in records:
+        if r["status"] == "does not fit":
+            print(f"does not fit: {r['variant']} C = {r['num_classes']}: {r['error']} (recorded, not trained)")
+    failed = [r for r in records if r["status"] not in ("ok", "does not fit")]
     for r in failed:
         print(f"failed: {r['variant']} C = {r['num_classes']} seed {r['seed']}: {r['error']}")
     print(f"wrote {Path(args.out) / 'accuracy.json'}, accuracy.md and accuracy.png")
@@ -356,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=None, help="training iterations per run (default 300)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="extra config override for every run (repeatable, applied last), e.g. train.device=cuda")
+    p.add_argument("--memory-budget-gb", type=float, default=None, metavar="GB",
+                   help="train each (variant, C) at the largest batch whose training step fits GB GiB (measured "
+                        "like bench memory --max-batch, at the run's model and crop), for as many training images "
+                        "as --iters iterations at the protocol's batch (ESS's equal-memory comparison)")
+    p.add_argument("--max-batch-limit", type=int, default=64, metavar="N",
+                   help="largest batch the --memory-budget-gb search tries (default 64)")
     p.add_argument("--list-variants", action="store_true", help="print every variant's overrides and exit")
     p.add_argument("--collect", nargs="+", metavar="DIR",
                    help="train nothing: one report in --out from several outputs of this command (e.g. one per "

@@ -196,6 +196,40 @@ def train_one(cfg, work_dir: Path) -> dict:
     return Trainer(cfg, work_dir=work_dir, resume=False).run()
 
 
+def measure_batch(overrides: list[str], num_classes: int, batch: int, crop: int) -> dict:
+    """Peak memory of two training steps of the run's config at `batch`, in a fresh process (bench
+    memory's measurement: CPU peak RSS or CUDA max_memory_allocated). Replaceable in tests."""
+    from scaleseg.bench.harness import run_child
+
+    job = {"overrides": list(overrides), "num_classes": num_classes, "batch": batch, "crop": crop, "steps": 2,
+           "device": "cpu"}
+    return run_child("scaleseg.bench.memory:run_config_job", job)
+
+
+def budget_batch(overrides: list[str], num_classes: int, crop: int, budget_gb: float, limit: int,
+                 measure=measure_batch) -> dict:
+    """The largest batch (2..limit, doubling then bisection: bench memory --max-batch's search) whose
+    training step of this run's config stays within `budget_gb` GiB; 0 when batch 2 does not."""
+    from scaleseg.bench.memory import search_max_batch, trial_fits
+
+    trials = []
+
+    def fits(batch: int) -> bool:
+        record = measure(overrides, num_classes, batch, crop)
+        ok = trial_fits(record, budget_gb)
+        trials.append({"batch": batch, "status": record["status"], "peak_mb": record.get("peak_mb"), "fits": ok})
+        return ok
+
+    best, _ = search_max_batch(fits, limit)
+    return {"batch": best, "at_limit": best == limit, "trials": trials}
+
+
+def equal_images_iters(iters: int, reference_batch: int, batch: int) -> int:
+    """Iterations at `batch` that see as many training images as `iters` at `reference_batch` (the
+    same epochs, as ESS compares its batch sizes), rounded to the nearest iteration (at least 1)."""
+    return max(1, round(iters * reference_batch / batch))
+
+
 READOUT = "@finest"  # suffix of the records of a pyramid run read at its finest level alone (Table 8)
 
 
@@ -210,13 +244,31 @@ def evaluate_finest(work_dir: Path, iters: int) -> tuple[dict, Path]:
     return json.loads((out / "metrics.json").read_text()), out / "metrics.json"
 
 
-def run_benchmark(args, train=train_one) -> list[dict]:
+def _at_budget_batch(variant: str, c: int, seed: int, cfg, args, batches: dict, measure):
+    """(the run's config at its budget batch and equal-images iterations, the batch search's record)."""
+    from scaleseg.config import load_config
+
+    overrides = run_overrides(variant, c, seed, args.iters, list(args.set or []))
+    if (variant, c) not in batches:
+        crop = cfg.data.train_pipeline.crop_size
+        batches[(variant, c)] = budget_batch(overrides, c, max(crop), args.memory_budget_gb,
+                                             args.max_batch_limit, measure)
+    found = batches[(variant, c)]
+    if not found["batch"]:
+        return cfg, found
+    iters = equal_images_iters(cfg.train.iters, cfg.data.batch_size, found["batch"])
+    return load_config(None, [*overrides, f"data.batch_size={found['batch']}", f"train.iters={iters}"]), found
+
+
+def run_benchmark(args, train=train_one, measure=measure_batch) -> list[dict]:
     """All runs in sequence under one progress bar; writes accuracy.json/.md/.png into args.out."""
     from tqdm import tqdm
 
     out = Path(args.out)
     runs = build_configs(args.variants, args.classes, args.seeds, args.iters, list(args.set or []))
     out.mkdir(parents=True, exist_ok=True)
+    budget_gb = getattr(args, "memory_budget_gb", None)
+    batches: dict[tuple[str, int], dict] = {}  # (variant, C) -> its budget_batch record
     records = []
     bar = tqdm(runs, desc="bench accuracy", unit="run", disable=args.no_progress, dynamic_ncols=True)
     for variant, c, seed, cfg in bar:
@@ -225,6 +277,20 @@ def run_benchmark(args, train=train_one) -> list[dict]:
         work_dir = out / name
         cfg.work_dir = str(work_dir)
         record = {"variant": variant, "num_classes": c, "seed": seed, "work_dir": str(work_dir)}
+        if budget_gb is not None:  # each (variant, C) at the largest batch within the budget, equal images seen
+            cfg, found = _at_budget_batch(variant, c, seed, cfg, args, batches, measure)
+            record.update(batch=cfg.data.batch_size if found["batch"] else 0, iters=cfg.train.iters,
+                          images_seen=cfg.data.batch_size * cfg.train.iters if found["batch"] else 0,
+                          batch_at_limit=found["at_limit"], batch_trials=found["trials"])
+            if not found["batch"]:
+                record.update(status="does not fit", error=f"batch 2 needs more than {budget_gb:g} GiB",
+                              seconds=0.0)
+                records.append(record)
+                _write(out, records, args, summary=None)
+                continue
+            cfg.work_dir = str(work_dir)
+        else:
+            record.update(batch=cfg.data.batch_size, iters=cfg.train.iters)
         start = time.perf_counter()
         try:
             metrics = train(cfg, work_dir)
@@ -249,11 +315,14 @@ def run_benchmark(args, train=train_one) -> list[dict]:
 
 
 def _settings(args) -> dict:
-    return {
+    settings = {
         "variants": {v: VARIANTS[v][1] for v in args.variants}, "classes": list(args.classes),
         "seeds": list(args.seeds), "iters": args.iters or DEFAULT_ITERS, "shared_overrides": SETTINGS,
         "extra_overrides": list(args.set or []), "command": command_line(args),
     }
+    if getattr(args, "memory_budget_gb", None) is not None:
+        settings.update(memory_budget_gb=args.memory_budget_gb, max_batch_limit=args.max_batch_limit)
+    return settings
 
 
 def _write(out: Path, records: list[dict], args, summary: list[dict] | None) -> None:
@@ -329,6 +398,7 @@ def aggregate(records: list[dict], variants, classes) -> list[dict]:
             runs = [r for r in records if r["variant"] == v and r["num_classes"] == c]
             ok = [r for r in runs if r["status"] == "ok"]
             row = {"variant": v, "num_classes": c, "runs": len(runs), "ok": len(ok),
+                   "batch": sorted({r["batch"] for r in runs if "batch" in r}),
                    "seconds": round(sum(r["seconds"] for r in ok) / len(ok), 1) if ok and "seconds" in ok[0] else None}
             for k in METRICS:
                 values = [r[k] for r in ok if r.get(k) is not None]
@@ -370,6 +440,16 @@ def format_report(summary: list[dict], variants, classes, settings: dict) -> str
         seconds = f"{row['seconds']:,.0f}" if row.get("seconds") is not None else "-"
         lines.append(f"| {row['variant']} | {row['num_classes']:,} | "
                      + " | ".join(_cell(row, k) for k in METRICS) + f" | {row['ok']}/{row['runs']} | {seconds} |")
+    if settings.get("memory_budget_gb") is not None:
+        lines += ["", f"Batch of each run: the largest within {settings['memory_budget_gb']:g} GiB (search limit "
+                  f"{settings['max_batch_limit']}; 0: batch 2 does not fit), trained for as many images as "
+                  f"{settings['iters']} iterations of the protocol's batch:", "",
+                  "| variant | " + " | ".join(f"C = {c:,}" for c in classes) + " |",
+                  "| --- |" + " --- |" * len(classes)]
+        by = {(row["variant"], row["num_classes"]): row for row in summary}
+        for v in variants:
+            lines.append(f"| {v} | " + " | ".join(
+                ", ".join(map(str, by[(v, c)]["batch"])) or "-" for c in classes) + " |")
     lines += ["", f"Command: `{settings['command']}`"]
     return "\n".join(lines)
 
@@ -382,6 +462,8 @@ def command_line(args) -> str:
         parts += ["--iters", str(args.iters)]
     for override in args.set or []:
         parts += ["--set", override]
+    if getattr(args, "memory_budget_gb", None) is not None:
+        parts += ["--memory-budget-gb", f"{args.memory_budget_gb:g}", "--max-batch-limit", str(args.max_batch_limit)]
     return " ".join(parts + ["--out", str(args.out)])
 
 

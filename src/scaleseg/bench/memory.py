@@ -79,17 +79,32 @@ def measure(head: str, num_classes: int, backbone: str, batch: int, crop: int, d
             loss_resolution: str, overrides: list[str] = ()) -> dict:
     """One configuration, in this process. Returns a JSON-able record. `overrides` are dotted
     config overrides applied last (e.g. model.head.embedding.search_budget_mb=64)."""
+    from scaleseg.config import load_config
+
+    cfg = load_config(None, [*HEADS[head], f"data.num_classes={num_classes}", f"model.backbone={backbone}",
+                             f"model.head.loss_resolution={loss_resolution}", f"data.batch_size={batch}",
+                             *overrides])
+    return measure_model(cfg, num_classes, batch, crop, device, steps)
+
+
+def run_config_job(job: dict) -> dict:
+    """A training step's peak memory for a full config: job = {"overrides": dotted overrides of the
+    defaults, "num_classes", "batch", "crop", "device", "steps"} (bench accuracy's --memory-budget-gb)."""
+    from scaleseg.config import load_config
+
+    cfg = load_config(None, [*job["overrides"], f"data.batch_size={job['batch']}"])
+    return measure_model(cfg, job["num_classes"], job["batch"], job["crop"], job.get("device", "cpu"), job["steps"])
+
+
+def measure_model(cfg, num_classes: int, batch: int, crop: int, device: str, steps: int) -> dict:
+    """`steps` training steps of cfg's model on random (batch, 3, crop, crop) images, in this process."""
     import torch
 
-    from scaleseg.config import load_config
     from scaleseg.engine.optim import build_optimizer
     from scaleseg.engine.runtime import select_device
     from scaleseg.models import build_model
 
     dev = select_device(device)
-    cfg = load_config(None, [*HEADS[head], f"data.num_classes={num_classes}", f"model.backbone={backbone}",
-                             f"model.head.loss_resolution={loss_resolution}", f"data.batch_size={batch}",
-                             *overrides])
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes, ignore_index=-1).to(dev).train()
     optimizer = build_optimizer(model, cfg.optim)
