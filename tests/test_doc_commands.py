@@ -346,6 +346,12 @@ COMMANDS: dict[str, Case] = {
         replace=[("--classes 1000", "--classes 10"), ("--iters 300", "--iters 2"), ("--seeds 0,1", "--seeds 0")],
         append=BENCH_SET, check=all_ok("bench_results/accuracy_C1000/accuracy.json", "records"),
         why="C = 10, one seed, 2 iterations per run on 48x48 images"),
+    "scaleseg bench accuracy --variants baseline,ess-knn,ess-full --classes 1000,5000,20000 --seeds 0,1 --iters 1200 "
+    "--memory-budget-gb 1 --max-batch-limit 32 --out bench_results/accuracy_budget": Case(
+        replace=[("--classes 1000,5000,20000", "--classes 10"), ("--iters 1200", "--iters 2"), ("--seeds 0,1", "--seeds 0"),
+                 ("--max-batch-limit 32", "--max-batch-limit 2")],
+        append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/accuracy_budget/accuracy.json", "records"),
+        why="C = 10, one seed, 2 iterations at 48x48, the batch search limited to 2 (each trial a fresh process)"),
     "scaleseg bench accuracy --variants ess-ivf,ess-fast --classes 1000 --seeds 0,1 --iters 300 --set data.batch_size=4 "
     "--set data.train_pipeline.crop_size=64 --out bench_results/accuracy_index --no-progress": Case(
         replace=[("--classes 1000", "--classes 10"), ("--iters 300", "--iters 2"), ("--seeds 0,1", "--seeds 0")],
