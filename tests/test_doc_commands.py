@@ -238,6 +238,13 @@ COMMANDS: dict[str, Case] = {
         needs=["scaleseg train configs/synthetic/pyramid.yaml"], replace=[("--loss-gradients 8", "--loss-gradients 2")],
         append=["--no-progress"], check=files("work_dirs/synthetic_pyramid/analysis/summary.json"),
         why="2 training batches instead of 8"),
+    "scaleseg bench accuracy --variants single-semantic-noctx,single-semantic-anl,pyramid-noctx,pyramid-anl,pyramid-anl-multi "
+    "--classes 1000 --seeds 0 --iters 1200": Case(
+        replace=[("--classes 1000", "--classes 10"), ("--iters 1200", "--iters 2")],
+        append=[*BENCH_SET, "--set", "model.head.pyramid.semantic_channels=16", "--set", "model.head.pyramid.unity_channels=8",
+                "--no-progress", "--out", "bench/acc_t6_columns"],
+        check=all_ok("bench/acc_t6_columns/accuracy.json", "records"),
+        why="C = 10, 2 iterations per run on 48x48 images, narrow pyramid heads"),
     "scaleseg bench accuracy --variants single,single-semantic,single-semantic-noctx,pyramid,pyramid-noctx "
     "--classes 1000 --seeds 0,1 --iters 1200": Case(
         replace=[("--classes 1000", "--classes 10"), ("--seeds 0,1", "--seeds 0"), ("--iters 1200", "--iters 2")],
