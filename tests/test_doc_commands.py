@@ -344,6 +344,12 @@ COMMANDS: dict[str, Case] = {
                  ("--crop 256", "--crop 32"), ("--repeats 2", "--repeats 1")],
         check=speed_ok("bench_results/speed_fast/speed.json"),
         why="C = 10 and 300 on resnet_tiny 32x32 crops; the baseline at both (HEAD@C would leave a skipped record)"),
+    "scaleseg bench speed --classes 1284,20000,100000 --heads baseline@1 --backbone resnet50 --batch 2 --crop 256 "
+    "--knn-pixels 8192 --no-inference --out bench_results/search_methods --no-progress": Case(
+        replace=[("1284,20000,100000", "50,300"), ("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 256", "--crop 32"),
+                 ("--knn-pixels 8192", "--knn-pixels 256")],
+        check=lambda ws: _assert(len(json.loads((ws / "bench_results/search_methods/speed.json").read_text())["knn_backends"]) == 2),
+        why="C = 50 and 300, 256 queries (the search methods alone: baseline@1 trains nothing)"),
     "scaleseg bench memory --classes 19,1000000 --heads ess-knn-fast --backbone resnet50 --batch 2 --crop 256 --steps 2 "
     "--loss-resolution full --limit-gb 12 --out bench_results/memory_fast --no-progress": Case(
         replace=[("19,1000000", "10,300"), ("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 256", "--crop 32")],
