@@ -344,6 +344,13 @@ COMMANDS: dict[str, Case] = {
                  ("--crop 256", "--crop 32"), ("--repeats 2", "--repeats 1")],
         check=speed_ok("bench_results/speed_fast/speed.json"),
         why="C = 10 and 300 on resnet_tiny 32x32 crops; the baseline at both (HEAD@C would leave a skipped record)"),
+    "scaleseg bench speed --classes 20000 --heads ess-knn-cached,ess-full-cached --backbone resnet50 --batch 2 --crop 256 "
+    "--loss-resolution full --warmup 1 --repeats 2 --rounds 3 --knn-pixels 0 --no-inference --limit-gb 12 "
+    "--out bench_results/speed_exact_loss --no-progress": Case(
+        replace=[("--classes 20000", "--classes 300"), ("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 256", "--crop 32"),
+                 ("--repeats 2", "--repeats 1"), ("--rounds 3", "--rounds 1")],
+        check=speed_ok("bench_results/speed_exact_loss/speed.json"),
+        why="C = 300 on resnet_tiny 32x32 crops, one round"),
     "scaleseg bench speed --classes 1284,20000,100000 --heads baseline@1 --backbone resnet50 --batch 2 --crop 256 "
     "--knn-pixels 8192 --no-inference --out bench_results/search_methods --no-progress": Case(
         replace=[("1284,20000,100000", "50,300"), ("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 256", "--crop 32"),
