@@ -440,6 +440,9 @@ class EvalConfig:
     flip: bool = False  # also average the horizontally flipped image
     # pyramid heads: "fused" (S&F Eq. 2) or "finest", the finest level alone (S&F Table 8's "aux. supervision")
     pyramid_readout: Literal["fused", "finest"] = "fused"
+    # pyramid heads: S&F Table 9 and the unity head's precision / recall in the evaluation (one more decision
+    # of the finest level per image: with an embedding scorer and very many classes, false saves that time)
+    pyramid_diagnostics: bool = True
 
     def validate(self, key: str) -> None:
         _positive_size(self.crop_size, f"{key}.crop_size")

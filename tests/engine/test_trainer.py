@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from scaleseg.cli import main
 from scaleseg.config import load_config
 from scaleseg.data.datasets import SyntheticSegmentation
 from scaleseg.data.transforms import EvalTransform
@@ -240,3 +241,8 @@ def test_pyramid_head_trains_and_reports_the_pixels_of_each_level(tmp_path, tiny
     assert "unity_recall_stride_8" in metrics  # (no stride-32 cell of the tiny images need be unity)
     log = (work / "train.log").read_text()
     assert "S&F Table 9" in log and "unity head precision / recall" in log
+    # eval.pyramid_diagnostics=false: the same metrics without them
+    assert main(["eval", str(work), "eval.pyramid_diagnostics=false", "--out", str(tmp_path / "plain"), "--no-progress"]) == 0
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert not any(k.startswith(("table9_", "unity_")) for k in plain)
+    assert {k: plain[k] for k in ("mIoU", "aAcc", "level_stride_4")} == {k: metrics[k] for k in ("mIoU", "aAcc", "level_stride_4")}

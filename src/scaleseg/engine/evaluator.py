@@ -52,7 +52,8 @@ def evaluate(
             images = batch["image"].to(device, non_blocking=True)
             target = batch["label"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred, image_counts = predict_labels_with_counts(model, images, cfg, target)
+                labels = target if cfg.pyramid_diagnostics else None  # the head's label-based tallies (Table 9)
+                pred, image_counts = predict_labels_with_counts(model, images, cfg, labels)
             metrics.update(pred, target)
             for name, value in image_counts.items():
                 counts[name] += value.to(counts[name].device)
