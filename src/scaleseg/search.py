@@ -261,8 +261,9 @@ class ClassIndex(nn.Module):
         steps ()             training steps seen by `step` (0 = never built)
     `step(classes)` is called once per training step: it builds the index at the first step, refreshes
     the centroids every `refresh` steps (k-means warm-started from the current centroids, `refresh_iters`
-    Lloyd iterations, then every class re-assigned) and in between re-assigns every class to its nearest
-    current centroid every `reassign` steps (one C x L search, no centroid update). The re-assignment is
+    Lloyd iterations, then every class re-assigned) and in between keeps every class in the list of its
+    nearest current centroid every `reassign` steps (`assign`: exact, searching only the classes that
+    moved beyond their slack; no centroid update). The re-assignment is
     what keeps the index's recall: the classes that move are the ones the pixels are near (targets and
     hard negatives), and a class left in the cluster of an old position is missed by the queries that are
     now near it, which then never push it away (with `reassign` = `refresh` = 100 the recall of the k + 1
