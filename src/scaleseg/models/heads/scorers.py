@@ -19,13 +19,13 @@ from scaleseg.models.heads.base import ClassScorer
 from scaleseg.profiling import LOSS, REGULARIZER, section
 from scaleseg.search import nearest_class
 
-# True while inference decides a single view (no averaging over windows, scales or flips): dense
-# maps then need not be averageable, and the linear scorer skips its softmax (engine/inference.py)
 # Training steps between measurements of the class index's recall (the k + 1 nearest of up to
 # RECALL_PIXELS of the step's loss pixels, exact against the index), logged as `index_recall`; measured
 # at steps 49, 99, ... (0-based), the last before each default refresh, where the index is stalest.
 RECALL_INTERVAL = 50
 RECALL_PIXELS = 1024
+# True while inference decides a single view (no averaging over windows, scales or flips): dense
+# maps then need not be averageable, and the linear scorer skips its softmax (engine/inference.py)
 _ONE_VIEW = contextvars.ContextVar("scaleseg_one_view", default=False)
 
 
