@@ -90,6 +90,8 @@ FILE_TINY = ["data.batch_size=2", "data.num_workers=0", "data.train_pipeline.cro
              "train.checkpoint_interval=2", "train.progress=false", "eval.crop_size=32", "eval.stride=24"]
 PYRAMID_TINY = ["model.head.pyramid.unity_channels=8", "model.head.pyramid.semantic_channels=16"]
 BENCH_TINY = ["--backbone", "resnet_tiny", "--crop", "32", "--batch", "2", "--no-progress"]
+# the ResNet-50 benchmarks of the docs, on the tiny ResNet at 32x32 crops
+TINY_NET = [("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 256", "--crop 32")]
 BENCH_SET = [a for o in ["data.synthetic.image_size=48", "data.train_pipeline.crop_size=32", "data.synthetic.train_length=16",
                          "data.synthetic.val_length=2", "model.decoder.channels=16", "model.decoder.low_level_channels=8",
                          "data.num_workers=0", "data.batch_size=2", "train.deterministic=true"] for a in ("--set", o)]
@@ -311,55 +313,54 @@ COMMANDS: dict[str, Case] = {
     # ---- docs/benchmarks.md
     "scaleseg bench memory --classes 19,150,1284,20000,100000 --heads baseline,ess-knn,ess-full --backbone resnet50 "
     "--batch 2 --crop 256 --limit-gb 20 --out bench_results/memory": Case(
-        replace=[("19,150,1284,20000,100000", "10"), ("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 256", "--crop 32")],
+        replace=[("19,150,1284,20000,100000", "10"), *TINY_NET],
         append=["--no-progress"], check=all_ok("bench_results/memory/memory.json")),
     "scaleseg bench memory --classes 19,1284,20000,100000 --heads pyramid-linear,pyramid-ess --backbone resnet50 "
     "--batch 2 --crop 256 --limit-gb 20 --out bench_results/memory_pyramid": Case(
-        replace=[("19,1284,20000,100000", "10"), ("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 256", "--crop 32")],
+        replace=[("19,1284,20000,100000", "10"), *TINY_NET],
         append=["--set", "model.head.pyramid.semantic_channels=16", "--no-progress"],
         check=all_ok("bench_results/memory_pyramid/memory.json")),
     "scaleseg bench memory --classes 19,1284 --heads baseline,ess-knn --backbone resnet50 --batch 2 --crop 256 "
     "--limit-gb 20 --max-batch 4 --max-batch-limit 32 --out bench_results/max_batch": Case(
-        replace=[("19,1284", "10"), ("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 256", "--crop 32"),
+        replace=[("19,1284", "10"), *TINY_NET,
                  ("--max-batch-limit 32", "--max-batch-limit 4")],
         append=["--no-progress"], check=all_ok("bench_results/max_batch/memory.json")),
     "scaleseg bench speed --classes 19,1284,20000 --heads baseline,ess-knn,ess-full --backbone resnet50 --batch 2 "
     "--crop 256 --device auto --loss-resolution full --warmup 1 --repeats 3 --knn-pixels 8192 --limit-gb 20 "
     "--out bench_results/speed": Case(
-        replace=[("19,1284,20000", "10"), ("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 256", "--crop 32"),
+        replace=[("19,1284,20000", "10"), *TINY_NET,
                  ("--repeats 3", "--repeats 1"), ("--knn-pixels 8192", "--knn-pixels 64")],
         append=["--no-progress"], check=speed_ok("bench_results/speed/speed.json")),
     # ---- docs/benchmarks.md: issue 14, ESS supplementary C's remedies
     "scaleseg bench speed --classes 19,20000,100000,1000000 --heads baseline@19,ess-knn-cached@20000,ess-full-cached@20000,"
     "ess-knn-cached-ivf,ess-knn-fast --backbone resnet50 --batch 2 --crop 256 --loss-resolution full --warmup 1 --repeats 2 "
     "--rounds 2 --knn-pixels 1024 --limit-gb 12 --out bench_results/speed_remedies --no-progress": Case(
-        replace=[("19,20000,100000,1000000", "10,300"), ("baseline@19,", "baseline,"), ("--backbone resnet50", "--backbone resnet_tiny"),
-                 ("--crop 256", "--crop 32"), ("--repeats 2", "--repeats 1"), ("--knn-pixels 1024", "--knn-pixels 64")],
+        replace=[("19,20000,100000,1000000", "10,300"), ("baseline@19,", "baseline,"), *TINY_NET, ("--repeats 2", "--repeats 1"),
+                 ("--knn-pixels 1024", "--knn-pixels 64")],
         check=speed_ok("bench_results/speed_remedies/speed.json"),
         why="C = 10 and 300 on resnet_tiny 32x32 crops; the baseline at both (HEAD@C would leave a skipped record)"),
     "scaleseg bench speed --classes 19,100000,1000000 --heads baseline@19,ess-knn-fast --backbone resnet50 --batch 2 --crop 256 "
     "--loss-resolution full --warmup 1 --repeats 2 --rounds 2 --knn-pixels 0 --no-inference --limit-gb 12 "
     "--out bench_results/speed_fast --no-progress": Case(
-        replace=[("19,100000,1000000", "10,300"), ("baseline@19,", "baseline,"), ("--backbone resnet50", "--backbone resnet_tiny"),
-                 ("--crop 256", "--crop 32"), ("--repeats 2", "--repeats 1")],
+        replace=[("19,100000,1000000", "10,300"), ("baseline@19,", "baseline,"), *TINY_NET, ("--repeats 2", "--repeats 1")],
         check=speed_ok("bench_results/speed_fast/speed.json"),
         why="C = 10 and 300 on resnet_tiny 32x32 crops; the baseline at both (HEAD@C would leave a skipped record)"),
     "scaleseg bench speed --classes 20000 --heads ess-knn-cached,ess-full-cached --backbone resnet50 --batch 2 --crop 256 "
     "--loss-resolution full --warmup 1 --repeats 2 --rounds 3 --knn-pixels 0 --no-inference --limit-gb 12 "
     "--out bench_results/speed_exact_loss --no-progress": Case(
-        replace=[("--classes 20000", "--classes 300"), ("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 256", "--crop 32"),
+        replace=[("--classes 20000", "--classes 300"), *TINY_NET,
                  ("--repeats 2", "--repeats 1"), ("--rounds 3", "--rounds 1")],
         check=speed_ok("bench_results/speed_exact_loss/speed.json"),
         why="C = 300 on resnet_tiny 32x32 crops, one round"),
     "scaleseg bench speed --classes 1284,20000,100000 --heads baseline@1 --backbone resnet50 --batch 2 --crop 256 "
     "--knn-pixels 8192 --no-inference --out bench_results/search_methods --no-progress": Case(
-        replace=[("1284,20000,100000", "50,300"), ("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 256", "--crop 32"),
+        replace=[("1284,20000,100000", "50,300"), *TINY_NET,
                  ("--knn-pixels 8192", "--knn-pixels 256")],
         check=lambda ws: _assert(len(json.loads((ws / "bench_results/search_methods/speed.json").read_text())["knn_backends"]) == 2),
         why="C = 50 and 300, 256 queries (the search methods alone: baseline@1 trains nothing)"),
     "scaleseg bench memory --classes 19,1000000 --heads ess-knn-fast --backbone resnet50 --batch 2 --crop 256 --steps 2 "
     "--loss-resolution full --limit-gb 12 --out bench_results/memory_fast --no-progress": Case(
-        replace=[("19,1000000", "10,300"), ("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 256", "--crop 32")],
+        replace=[("19,1000000", "10,300"), *TINY_NET],
         check=all_ok("bench_results/memory_fast/memory.json"), why="C = 10 and 300 on resnet_tiny 32x32 crops"),
     "scaleseg bench accuracy --variants ess-exact,ess-cached,ess-block4,ess-ivf,ess-fast,ess-block2 --classes 1000 --seeds 0,1 "
     "--iters 300 --set data.batch_size=4 --set data.train_pipeline.crop_size=64 --out bench_results/accuracy_C1000 --no-progress": Case(

@@ -104,9 +104,8 @@ class SegmentationMetrics:
         mPrecision, mRecall, mFscore) and the per-class arrays (IoU, Acc, Dice, Precision, Recall, Fscore,
         and the three counts)."""
         inter, pred, label = (c.double().cpu().numpy() for c in self.counts())
-        union = pred + label - inter
+        iou = iou_from_areas(inter, pred, label)
         with np.errstate(divide="ignore", invalid="ignore"):
-            iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
             acc = np.where(label > 0, inter / np.maximum(label, 1), np.nan)
             dice = np.where(pred + label > 0, 2 * inter / np.maximum(pred + label, 1), np.nan)
             precision = np.where(pred > 0, inter / np.maximum(pred, 1), np.nan)
@@ -134,12 +133,17 @@ class SegmentationMetrics:
         }
 
 
-def miou_from_areas(inter: np.ndarray, pred: np.ndarray, label: np.ndarray) -> float:
-    """mIoU (in [0, 1]) from per-class intersection, prediction and label areas, as `compute`: the mean
-    over the classes with a non-empty union; NaN if there are none."""
+def iou_from_areas(inter: np.ndarray, pred: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Per-class IoU from intersection, prediction and label areas; NaN where the union is empty."""
     union = pred + label - inter
     with np.errstate(divide="ignore", invalid="ignore"):
-        return _nanmean(np.where(union > 0, inter / np.maximum(union, 1), np.nan))
+        return np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+
+
+def miou_from_areas(inter: np.ndarray, pred: np.ndarray, label: np.ndarray) -> float:
+    """mIoU (in [0, 1]) as `compute` gives it: the mean IoU over the classes with a non-empty union;
+    NaN if there are none."""
+    return _nanmean(iou_from_areas(inter, pred, label))
 
 
 def _nanmean(values: np.ndarray) -> float:
