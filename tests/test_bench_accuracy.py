@@ -239,6 +239,7 @@ def test_memory_budget_trains_each_variant_at_its_largest_fitting_batch_for_equa
                    ("ess-knn", 40, 0): ("ok", 20, 12), ("ess-knn", 40, 1): ("ok", 20, 12),
                    ("ess-knn", 400, 0): ("ok", 16, 15), ("ess-knn", 400, 1): ("ok", 16, 15)}
     assert accuracy.equal_images_iters(30, 8, 13) == 18  # 240 images / 13 = 18.5 -> 18
+    assert accuracy.equal_images_iters(1200, 8, 2, grad_accum=4) == 1200  # GA: 9,600 images in steps of 2 x 4
     # one search per (variant, C), not per seed, at the run's crop; doubling then bisection
     assert sorted({m[:2] for m in measured}) == [("baseline", 40), ("baseline", 400), ("ess-knn", 40), ("ess-knn", 400)]
     assert [m[2] for m in measured if m[:2] == ("baseline", 40)] == [2, 4, 8, 16, 12, 14, 13]
@@ -250,6 +251,23 @@ def test_memory_budget_trains_each_variant_at_its_largest_fitting_batch_for_equa
     assert report["settings"]["command"].endswith("--memory-budget-gb 0.5 --max-batch-limit 32 --out " + str(tmp_path / "acc"))
     text = (tmp_path / "acc" / "accuracy.md").read_text()
     assert "| baseline | 13 | 0 |" in text and "| ess-knn | 20 | 16 |" in text
+
+
+def test_memory_budget_with_grad_accum_keeps_the_images_seen(tmp_path):
+    """ESS Table 5's GA row: --set train.grad_accum=4 at a budget batch of 2 runs a quarter of the steps
+    of batch 2 alone, so every run sees --iters x 8 images (accumulation adds steps' batch, not images)."""
+    trained = []
+
+    def train(cfg, work_dir):
+        trained.append((cfg.data.batch_size, cfg.train.grad_accum, cfg.train.iters))
+        return {"mIoU": 1.0, "aAcc": 2.0, "mAcc": 3.0, "fwIoU": 4.0}
+
+    args = SimpleNamespace(variants=["baseline"], classes=[40], seeds=[0], iters=30, set=["train.grad_accum=4"],
+                           out=tmp_path / "acc", no_progress=True, memory_budget_gb=0.5, max_batch_limit=32)
+    records = accuracy.run_benchmark(args, train=train, measure=lambda o, c, b, crop: {
+        "status": "ok", "peak_mb": 100 + 150 * b})  # (512 - 100) // 150 = 2 images fit
+    assert trained == [(2, 4, 30)]
+    assert (records[0]["batch"], records[0]["iters"], records[0]["images_seen"]) == (2, 30, 240)
 
 
 def test_memory_budget_measures_a_real_training_step(tmp_path):

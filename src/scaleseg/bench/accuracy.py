@@ -224,10 +224,12 @@ def budget_batch(overrides: list[str], num_classes: int, crop: int, budget_gb: f
     return {"batch": best, "at_limit": best == limit, "trials": trials}
 
 
-def equal_images_iters(iters: int, reference_batch: int, batch: int) -> int:
-    """Iterations at `batch` that see as many training images as `iters` at `reference_batch` (the
-    same epochs, as ESS compares its batch sizes), rounded to the nearest iteration (at least 1)."""
-    return max(1, round(iters * reference_batch / batch))
+def equal_images_iters(iters: int, reference_batch: int, batch: int, grad_accum: int = 1) -> int:
+    """Optimizer steps of `grad_accum` batches of `batch` that see as many training images as `iters`
+    steps of `reference_batch` (the same epochs, as ESS compares its batch sizes), rounded to the
+    nearest step (at least 1). Accumulation (ESS Table 5's GA row) trades steps for a larger effective
+    batch; it does not add images."""
+    return max(1, round(iters * reference_batch / (batch * grad_accum)))
 
 
 READOUT = "@finest"  # suffix of the records of a pyramid run read at its finest level alone (Table 8)
@@ -256,7 +258,7 @@ def _at_budget_batch(variant: str, c: int, seed: int, cfg, args, batches: dict, 
     found = batches[(variant, c)]
     if not found["batch"]:
         return cfg, found
-    iters = equal_images_iters(cfg.train.iters, cfg.data.batch_size, found["batch"])
+    iters = equal_images_iters(cfg.train.iters, cfg.data.batch_size, found["batch"], cfg.train.grad_accum)
     return load_config(None, [*overrides, f"data.batch_size={found['batch']}", f"train.iters={iters}"]), found
 
 
@@ -280,7 +282,8 @@ def run_benchmark(args, train=train_one, measure=measure_batch) -> list[dict]:
         if budget_gb is not None:  # each (variant, C) at the largest batch within the budget, equal images seen
             cfg, found = _at_budget_batch(variant, c, seed, cfg, args, batches, measure)
             record.update(batch=cfg.data.batch_size if found["batch"] else 0, iters=cfg.train.iters,
-                          images_seen=cfg.data.batch_size * cfg.train.iters if found["batch"] else 0,
+                          images_seen=(cfg.data.batch_size * cfg.train.grad_accum * cfg.train.iters
+                                       if found["batch"] else 0),
                           batch_at_limit=found["at_limit"], batch_trials=found["trials"])
             if not found["batch"]:
                 record.update(status="does not fit", error=f"batch 2 needs more than {budget_gb:g} GiB",
