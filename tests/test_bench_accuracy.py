@@ -74,11 +74,18 @@ def test_variant_overrides_give_the_intended_configs():
     cfgs = {v: load_config(None, accuracy.run_overrides(v, 150, 3)) for v in accuracy.VARIANTS
             if v not in accuracy.PYRAMID_VARIANTS}
     assert set(cfgs) == {"baseline", "ess-knn", "ess-full", "ess-random", "ess-nonorm", "ess-nomargin",  # Table 3
-                         "ess-exact", "ess-cached", "ess-block2", "ess-block4", "ess-ivf", "ess-fast"}  # supp. C
+                         "ess-exact", "ess-cached", "ess-block2", "ess-block4", "ess-ivf", "ess-fast",  # supp. C
+                         "ess-sphere", "ess-sphere-x3"}  # the class table's LR (docs/ess.md)
     ess_file = load_config(REPO / "configs" / "synthetic" / "ess.yaml")
     for name, cfg in cfgs.items():
         assert (cfg.data.dataset, cfg.data.num_classes, cfg.train.seed, cfg.train.iters) == ("synthetic", 150, 3, 300)
         assert cfg.train.progress is False and cfg.train.eval_interval == 0
+        if name.startswith("ess-sphere"):  # the sphere table, at 1x or 3x the base LR instead of 30x
+            assert cfg.model.head.embedding.table == "sphere"
+            assert cfg.optim.groups.class_embeddings.lr_mult == {"ess-sphere": 1, "ess-sphere-x3": 3}[name]
+            assert {k for k in vars(cfg.model.head.embedding)
+                    if getattr(cfg.model.head.embedding, k) != getattr(ess_file.model.head.embedding, k)} == {"table"}
+            continue
         assert cfg.optim == ess_file.optim  # same warm-up and clipping for every variant
         if name == "baseline":
             assert cfg.model.head.scorer == "linear"

@@ -39,6 +39,9 @@ class ESSHead(nn.Module):
         search_block, search_index: cheaper hard negatives (ESS supplementary C): one search per s x s
             block of loss pixels; "exact" (default), "ivf" (the approximate k-means class index) or "auto"
             (ivf from 50,000 classes on). docs/benchmarks.md has their cost and accuracy.
+        table: "free" (as published: rows uniform(-1, 1), trained raw) or "sphere" (unit rows, put back on
+            the sphere by `after_optimizer_step()`, which the training loop calls after each
+            `optimizer.step()`; a step of lr then turns a row by lr x its tangent gradient, see docs/ess.md).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class ESSHead(nn.Module):
         margin_refresh: int = 100,
         search_block: int = 1,
         search_index: str = "exact",
+        table: str = "free",
     ) -> None:
         super().__init__()
         if 0 <= ignore_index < num_classes:
@@ -68,7 +72,7 @@ class ESSHead(nn.Module):
             in_channels, num_classes, embed_dim=embed_dim, num_neighbours=num_neighbours, temperature=temperature,
             margin=margin, margin_weight=margin_weight, loss=loss, ignore_index=ignore_index,
             search_budget_bytes=memory_budget_mb * 2**20, margin_refresh=margin_refresh,
-            search_block=search_block, search_index=search_index,
+            search_block=search_block, search_index=search_index, table=table,
         )
         self.head = SingleLevelHead(scorer, loss_resolution)
 
@@ -82,6 +86,11 @@ class ESSHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)["scores"]  # (B, d, h, w)
+
+    def after_optimizer_step(self) -> None:
+        """table = "sphere": the class table's rows back to unit norm; call after every `optimizer.step()`
+        (nothing for the published "free" table)."""
+        self.head.after_optimizer_step()
 
     def loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"ce", "margin", "loss"} for embeddings (B, d, h, w) and labels (B, H, W) (any H, W): "loss" is

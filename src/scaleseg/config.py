@@ -173,6 +173,10 @@ class EmbeddingConfig:
     normalize: bool = True  # L2-normalise pixel and class embeddings
     search_backend: Literal["torch", "faiss"] = "torch"
     search_budget_mb: int = 256  # memory bound of the nearest-class search and the exact loss tiles
+    # free: the published table (rows uniform(-1, 1), trained raw, normalised where used: a step turns a row
+    # by lr / ||row||^2, and the raw norms drift); sphere: unit rows, put back on the sphere after every
+    # optimizer step, so a step turns each row by exactly lr x its tangent gradient (docs/ess.md)
+    table: Literal["free", "sphere"] = "free"
     # the class table's optimizer settings are optim.groups.class_embeddings (ESS supplementary A)
     # Cheaper hard negatives (ESS supplementary C); docs/benchmarks.md has their cost and accuracy.
     search_block: int = 1  # s: one nearest-class search per s x s block of loss pixels, shared by them
@@ -200,6 +204,8 @@ class EmbeddingConfig:
             raise ConfigError(f"{key}.temperature = {self.temperature}: must be > 0")
         if self.margin < 0 or self.margin_weight < 0:
             raise ConfigError(f"{key}.margin and {key}.margin_weight must be >= 0")
+        if self.table == "sphere" and not self.normalize:
+            raise ConfigError(f"{key}.table = sphere needs {key}.normalize = true (the rows are compared as unit vectors)")
         if self.full_implementation == "linear" and self.distance != "squared":
             raise ConfigError(f"{key}.full_implementation = linear needs {key}.distance = squared; use auto or tiled")
 

@@ -75,6 +75,15 @@ VARIANTS.update({
                  [*_EXACT, "model.head.embedding.search_block=4", "model.head.embedding.search_index=ivf",
                   "model.head.embedding.margin_refresh=100"]),
 })
+# ESS's learning-rate finding (docs/ess.md): the sphere class table (unit rows, put back on the sphere every step)
+# instead of the free table's LR multiplier of 30
+_SPHERE = [*_ESS_KNN, "model.head.embedding.table=sphere"]
+VARIANTS.update({
+    "ess-sphere": ("ESS kNN with the sphere class table at the base LR (no multiplier)",
+                   [*_SPHERE, "optim.groups.class_embeddings.lr_mult=1"]),
+    "ess-sphere-x3": ("ESS kNN with the sphere class table at 3x the base LR (30 / (d / 3) at d = 32: the "
+                      "free table's turn rate at its init)", [*_SPHERE, "optim.groups.class_embeddings.lr_mult=3"]),
+})
 ABLATIONS = ("baseline", "ess-knn", "ess-full", "ess-random", "ess-nonorm", "ess-nomargin")
 DEFAULT_VARIANTS = ABLATIONS
 # S&F Table 6 on the built-in set: the pyramid against the single-level output with the same semantic head, with

@@ -123,6 +123,7 @@ def measure_model(cfg, num_classes: int, batch: int, crop: int, device: str, ste
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        model.after_optimizer_step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t)

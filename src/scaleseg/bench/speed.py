@@ -18,7 +18,7 @@ repetitions, `repeats` repetitions of:
     refresh      refreshes of the class index and the regulariser's cached pairs that fell in
                  the step (sections "scaleseg.index", "scaleseg.regularizer.refresh"),
     backward     `loss.backward()`,
-    optimizer    `optimizer.step()` and `zero_grad`.
+    optimizer    `optimizer.step()`, the model's `after_optimizer_step()` and `zero_grad`.
   The sections are `torch.profiler.record_function` labels placed in the library code and timed by
   a `scaleseg.profiling.SectionTimer`; nothing is patched.
 * the refreshes on their own: one class-index rebuild and one refresh of the regulariser's pairs,
@@ -237,6 +237,7 @@ def measure_training(model, optimizer, dev, batch: int, crop: int, num_classes: 
             sync()
             t3 = time.perf_counter()
             optimizer.step()
+            model.after_optimizer_step()
             optimizer.zero_grad(set_to_none=True)
             sync()
             t4 = time.perf_counter()

@@ -412,6 +412,7 @@ class Trainer:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            getattr(model, "module", model).after_optimizer_step()  # e.g. the sphere table's rows to unit norm
         self.state.iteration = iteration
         self.state.samples_seen += self.per_step
         return StepResult(iteration, terms, problem, grad_norm, data_time, time.perf_counter() - t0, skipped)

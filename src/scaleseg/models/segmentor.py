@@ -77,6 +77,11 @@ class Segmentor(nn.Module):
         finally:
             self.train(was_training)
 
+    def after_optimizer_step(self) -> None:
+        """The head's constraints on its parameters, re-imposed (the sphere class table); call after every
+        `optimizer.step()` (the trainer does)."""
+        self.head.after_optimizer_step()
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Every parameter under the name of its optimizer group (backbone, decoder, and the head's:
         head, class_embeddings); what each group gets is `optim.groups.<name>`."""

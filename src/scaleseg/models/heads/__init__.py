@@ -39,6 +39,7 @@ def build_scorer(cfg: HeadConfig, in_channels: int, num_classes: int, ignore_ind
         margin_refresh=e.margin_refresh,
         margin_candidates=e.margin_candidates,
         full_implementation=e.full_implementation,
+        table=e.table,
     )
 
 

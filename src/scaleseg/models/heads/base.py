@@ -16,6 +16,9 @@ embedding channels for ESS), C classes; h, w the feature grid; H, W the image.
                  (None: as its memory budget allows; the export fixes it); others ignore it
         class_table(raw=False) -> (C, d) or None        the class embeddings as compared (raw: as trained)
         param_groups() -> {group name: [parameters]}    names are keys of `optim.groups`
+        after_optimizer_step()                          re-imposes a constraint on the scorer's parameters
+                 (the sphere class table: rows back to unit norm); the trainer calls it after every
+                 optimizer step, a hand-written loop after `optimizer.step()`; nothing by default
 
     SegmentationHead
         forward(features) -> outputs (a dict of tensors or lists of tensors)
@@ -34,6 +37,7 @@ embedding channels for ESS), C classes; h, w the feature grid; H, W the image.
         scorers: [ClassScorer]                          every scorer, the one that decides last
         class_table(raw=False), param_groups()          as the scorers', a shared table listed once
         training_stats() -> {name: float}               the scorers' figures for the training log
+        after_optimizer_step()                          the scorers' (idempotent: a shared table, by each)
 
 Nothing here keeps state between calls: evaluation is a pure function of the weights.
 """
@@ -78,6 +82,9 @@ class ClassScorer(nn.Module, ABC):
         recall); {} by default."""
         return {}
 
+    def after_optimizer_step(self) -> None:
+        """Re-impose a constraint on the scorer's parameters after an optimizer step; nothing by default."""
+
 
 class SegmentationHead(nn.Module, ABC):
     """An output structure over one or more class scorers. See the module docstring."""
@@ -121,6 +128,12 @@ class SegmentationHead(nn.Module, ABC):
         for scorer in self.scorers:
             stats.update(scorer.training_stats())
         return stats
+
+    def after_optimizer_step(self) -> None:
+        """Each scorer's `after_optimizer_step` (idempotent, so a table shared by several scorers may be
+        re-imposed by each)."""
+        for scorer in self.scorers:
+            scorer.after_optimizer_step()
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """The scorers' groups (a parameter shared by several scorers listed once) and every other

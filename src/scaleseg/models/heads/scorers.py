@@ -121,6 +121,7 @@ class EmbeddingScorer(ClassScorer):
         margin_refresh: int = 100,
         margin_candidates: int = 1,
         full_implementation: str = "auto",
+        table: str = "free",
     ) -> None:
         from scaleseg.losses.margin import MarginCache
         from scaleseg.search import ClassIndex
@@ -133,7 +134,15 @@ class EmbeddingScorer(ClassScorer):
         self.search = {"budget_bytes": search_budget_bytes, "backend": search_backend}
         self.search_block, self.full_implementation = search_block, full_implementation
         self.embed = nn.Conv2d(in_channels, embed_dim, kernel_size=1)  # pixel embeddings, with bias as published
-        self.class_embeddings = nn.Parameter(torch.empty(num_classes, embed_dim).uniform_(-1.0, 1.0))  # (C, d)
+        if table not in ("free", "sphere"):
+            raise ValueError(f"table = {table!r}: use 'free' (as published) or 'sphere'")
+        if table == "sphere" and not normalize:
+            raise ValueError("table = 'sphere' needs normalize = True (the rows are compared as unit vectors)")
+        self.table = table
+        rows = torch.empty(num_classes, embed_dim)
+        # free: as published, uniform(-1, 1) (||row||^2 ~ d / 3); sphere: uniform on the unit sphere
+        rows = F.normalize(rows.normal_(), dim=1) if table == "sphere" else rows.uniform_(-1.0, 1.0)
+        self.class_embeddings = nn.Parameter(rows)  # (C, d)
         # State derived from the class table, kept in checkpoints (see their classes): the approximate
         # class index (search_index ivf, or auto from index_min_classes classes on), for the kNN loss's
         # nearest negatives and the regulariser's refreshes, and the margin cache
@@ -154,6 +163,17 @@ class EmbeddingScorer(ClassScorer):
 
     def class_table(self, raw: bool = False) -> torch.Tensor:
         return self.class_embeddings if raw else self.classes()
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """table = sphere: every row back to unit norm (the retraction of Riemannian SGD on the sphere).
+        The rows compared, u = e / ||e||, are unchanged by it; what it fixes is the next step's size: the
+        gradient through the normalisation is (I - u u^T) dL/du / ||e||, so on unit rows a step of lr
+        turns u by lr x the tangent gradient, where a free row turns by that over ||e||^2 (d / 3 at the
+        published init, 10.7 at d = 32) and slower still as the raw norm grows. Weight decay, purely
+        radial on a row, is undone by it. table = free: nothing."""
+        if self.table == "sphere":
+            self.class_embeddings.copy_(F.normalize(self.class_embeddings, dim=1))
 
     def loss(self, scores: torch.Tensor, target: torch.Tensor, regularize: bool = True) -> dict[str, torch.Tensor]:
         from scaleseg.losses import block_candidates, full_cross_entropy, knn_cross_entropy
