@@ -373,6 +373,11 @@ COMMANDS: dict[str, Case] = {
                  ("--max-batch-limit 32", "--max-batch-limit 2")],
         append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/accuracy_budget/accuracy.json", "records"),
         why="C = 10, one seed, 2 iterations at 48x48, the batch search limited to 2 (each trial a fresh process)"),
+    "scaleseg bench accuracy --variants ess-knn,ess-sphere,ess-sphere-x3 --classes 1000 --seeds 0 --iters 1200 "
+    "--out bench_results/accuracy_lr": Case(
+        replace=[("--classes 1000", "--classes 10"), ("--iters 1200", "--iters 2")],
+        append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/accuracy_lr/accuracy.json", "records"),
+        why="C = 10, 2 iterations per run on 48x48 images"),
     "scaleseg bench accuracy --variants ess-ivf,ess-fast --classes 1000 --seeds 0,1 --iters 300 --set data.batch_size=4 "
     "--set data.train_pipeline.crop_size=64 --out bench_results/accuracy_index --no-progress": Case(
         replace=[("--classes 1000", "--classes 10"), ("--iters 300", "--iters 2"), ("--seeds 0,1", "--seeds 0")],
