@@ -37,7 +37,7 @@ embedding channels for ESS), C classes; h, w the feature grid; H, W the image.
         scorers: [ClassScorer]                          every scorer, the one that decides last
         class_table(raw=False), param_groups()          as the scorers', a shared table listed once
         training_stats() -> {name: float}               the scorers' figures for the training log
-        after_optimizer_step()                          the scorers' (idempotent: a shared table, by each)
+        after_optimizer_step()                          the scorers', a shared table once
 
 Nothing here keeps state between calls: evaluation is a pure function of the weights.
 """
@@ -130,10 +130,15 @@ class SegmentationHead(nn.Module, ABC):
         return stats
 
     def after_optimizer_step(self) -> None:
-        """Each scorer's `after_optimizer_step` (idempotent, so a table shared by several scorers may be
-        re-imposed by each)."""
+        """Each scorer's `after_optimizer_step`, once per class table: the pyramid's levels share one, and
+        re-imposing it per level would redo a C x d pass every step for nothing."""
+        seen: set[int] = set()
         for scorer in self.scorers:
-            scorer.after_optimizer_step()
+            table = scorer.class_table(raw=True)
+            key = id(scorer) if table is None else id(table)
+            if key not in seen:
+                seen.add(key)
+                scorer.after_optimizer_step()
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """The scorers' groups (a parameter shared by several scorers listed once) and every other
