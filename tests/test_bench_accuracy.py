@@ -220,7 +220,7 @@ def test_pyramid_runs_are_also_read_at_their_finest_level(tmp_path, capsys):
     assert "eval.pyramid_readout = 'finest' needs a pyramid head" in capsys.readouterr().err
 
 
-def test_memory_budget_trains_each_variant_at_its_largest_fitting_batch_for_equal_images(tmp_path):
+def test_memory_budget_trains_each_variant_at_its_largest_fitting_batch_for_equal_images(tmp_path, capsys):
     """--memory-budget-gb: the batch search (doubling, then bisection) on each (variant, C)'s own config;
     each run at its batch for as many images as --iters at the protocol's batch (8); a variant whose batch
     2 does not fit is recorded, not trained. Fake memory model: peak = 100 + per-image cost x batch MiB."""
@@ -258,6 +258,17 @@ def test_memory_budget_trains_each_variant_at_its_largest_fitting_batch_for_equa
     assert report["settings"]["command"].endswith("--memory-budget-gb 0.5 --max-batch-limit 32 --out " + str(tmp_path / "acc"))
     text = (tmp_path / "acc" / "accuracy.md").read_text()
     assert "| baseline | 13 | 0 |" in text and "| ess-knn | 20 | 16 |" in text
+    # --collect keeps the budget (and so the batch table), and refuses to mix it with runs at the protocol's batch
+    assert main(["bench", "accuracy", "--collect", str(tmp_path / "acc"), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "accuracy.json").read_text())
+    assert (merged["settings"]["memory_budget_gb"], merged["settings"]["max_batch_limit"]) == (0.5, 32)
+    assert "| ess-knn | 20 | 16 |" in (tmp_path / "merged" / "accuracy.md").read_text()
+    plain = SimpleNamespace(**{**vars(args), "memory_budget_gb": None, "classes": [40], "seeds": [2],
+                               "out": tmp_path / "plain"})
+    accuracy.run_benchmark(plain, train=train)
+    assert main(["bench", "accuracy", "--collect", str(tmp_path / "acc"), str(tmp_path / "plain"),
+                 "--out", str(tmp_path / "mixed")]) == 2
+    assert "different memory budgets" in capsys.readouterr().err
 
 
 def test_memory_budget_with_grad_accum_keeps_the_images_seen(tmp_path):

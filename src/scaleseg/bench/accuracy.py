@@ -364,7 +364,7 @@ def collect(sources: list[str | Path], out: str | Path) -> tuple[list[dict], dic
     their records side by side, as one run of all of them would give. The outputs must share --iters and
     --set; a (variant, C, seed) found twice is refused. Returns (records, settings)."""
     records: list[dict] = []
-    commands, iters, extras, found = [], set(), set(), {}
+    commands, iters, extras, budgets, found = [], set(), set(), set(), {}
     for source in sources:
         path = Path(source)
         path = path / "accuracy.json" if path.is_dir() else path
@@ -376,6 +376,7 @@ def collect(sources: list[str | Path], out: str | Path) -> tuple[list[dict], dic
                                 "pass its --out folder or its accuracy.json") from None
         iters.add(settings["iters"])
         extras.add(tuple(settings.get("extra_overrides", [])))
+        budgets.add((settings.get("memory_budget_gb"), settings.get("max_batch_limit")))
         commands.append(settings["command"])
         for r in runs:
             key = (r["variant"], r["num_classes"], r["seed"])
@@ -387,6 +388,10 @@ def collect(sources: list[str | Path], out: str | Path) -> tuple[list[dict], dic
     if len(iters) > 1 or len(extras) > 1:
         raise ScalesegError(f"--collect: the outputs were trained with different settings (--iters {sorted(iters)}, "
                             f"--set {[list(e) for e in sorted(extras)]}); collect runs of one protocol")
+    if len(budgets) > 1:
+        raise ScalesegError("--collect: the outputs were trained under different memory budgets (--memory-budget-gb, "
+                            f"--max-batch-limit: {sorted(budgets, key=str)}; None: the protocol's batch); "
+                            "collect runs of one protocol")
     if not records:
         raise ScalesegError("--collect: the outputs hold no runs")
     variants = list(dict.fromkeys(r["variant"] for r in records))
@@ -396,6 +401,9 @@ def collect(sources: list[str | Path], out: str | Path) -> tuple[list[dict], dic
         "iters": iters.pop(), "shared_overrides": SETTINGS, "extra_overrides": list(extras.pop()),
         "command": " ; ".join(commands), "collected_from": [str(s) for s in sources],
     }
+    budget_gb, limit = budgets.pop()
+    if budget_gb is not None:
+        settings.update(memory_budget_gb=budget_gb, max_batch_limit=limit)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, records, settings)
@@ -487,6 +495,7 @@ def plot(summary: list[dict], variants, classes, path: Path, settings: dict) -> 
     import matplotlib.pyplot as plt
 
     by = {(r["variant"], r["num_classes"]): r for r in summary}
+    budget = settings.get("memory_budget_gb")
     width = 0.8 / len(variants)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.5 * len(variants) * len(classes)), 4.5))
     for i, v in enumerate(variants):
@@ -499,11 +508,17 @@ def plot(summary: list[dict], variants, classes, path: Path, settings: dict) -> 
             means.append(stats["mean"])
             low.append(stats["mean"] - stats["min"])
             high.append(stats["max"] - stats["mean"])
-        ax.bar(xs, means, width=width * 0.9, yerr=[low, high] if len(settings["seeds"]) > 1 else None,
-               capsize=3, label=v)
+        bars = ax.bar(xs, means, width=width * 0.9, yerr=[low, high] if len(settings["seeds"]) > 1 else None,
+                      capsize=3, label=v)
+        if budget is not None:  # each bar's batch: the point of an equal-memory comparison
+            ax.bar_label(bars, [f"b={','.join(map(str, by[(v, c)]['batch']))}" for c in classes
+                                if by[(v, c)]["mIoU"] is not None], fontsize="x-small", label_type="center")
     ax.set_xticks(range(len(classes)), [f"C = {c:,}" for c in classes])
-    ax.set(ylabel="mIoU (%)", title=f"synthetic dataset, {settings['iters']} iterations, "
-                                    f"seeds {','.join(map(str, settings['seeds']))}")
+    title = f"synthetic dataset, {settings['iters']} iterations, seeds {','.join(map(str, settings['seeds']))}"
+    if budget is not None:
+        title = (f"synthetic dataset, batch b = the largest within {budget:g} GiB,\nimages of {settings['iters']} "
+                 f"iterations at batch 8, seeds {','.join(map(str, settings['seeds']))}")
+    ax.set(ylabel="mIoU (%)", title=title)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize="small")
     fig.tight_layout()
