@@ -116,7 +116,8 @@ def main() -> None:
             json.dump(results, f)
     del model
     distributed.shutdown()
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)  # the results are written: no interpreter teardown with Gloo's threads (a rare SIGABRT in CI)
 
 

@@ -499,7 +499,7 @@ def plot(summary: list[dict], variants, classes, path: Path, settings: dict) -> 
     width = 0.8 / len(variants)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.5 * len(variants) * len(classes)), 4.5))
     for i, v in enumerate(variants):
-        xs, means, low, high = [], [], [], []
+        xs, means, low, high, batches = [], [], [], [], []
         for j, c in enumerate(classes):
             stats = by[(v, c)]["mIoU"]
             if stats is None:
@@ -508,16 +508,16 @@ def plot(summary: list[dict], variants, classes, path: Path, settings: dict) -> 
             means.append(stats["mean"])
             low.append(stats["mean"] - stats["min"])
             high.append(stats["max"] - stats["mean"])
+            batches.append("b=" + ",".join(map(str, by[(v, c)]["batch"])))
         bars = ax.bar(xs, means, width=width * 0.9, yerr=[low, high] if len(settings["seeds"]) > 1 else None,
                       capsize=3, label=v)
         if budget is not None:  # each bar's batch: the point of an equal-memory comparison
-            ax.bar_label(bars, [f"b={','.join(map(str, by[(v, c)]['batch']))}" for c in classes
-                                if by[(v, c)]["mIoU"] is not None], fontsize="x-small", label_type="center")
+            ax.bar_label(bars, batches, fontsize="x-small", label_type="center")
     ax.set_xticks(range(len(classes)), [f"C = {c:,}" for c in classes])
-    title = f"synthetic dataset, {settings['iters']} iterations, seeds {','.join(map(str, settings['seeds']))}"
-    if budget is not None:
-        title = (f"synthetic dataset, batch b = the largest within {budget:g} GiB,\nimages of {settings['iters']} "
-                 f"iterations at batch 8, seeds {','.join(map(str, settings['seeds']))}")
+    seeds = ",".join(map(str, settings["seeds"]))
+    title = (f"synthetic dataset, batch b = the largest within {budget:g} GiB,\nimages of {settings['iters']} "
+             f"iterations at the protocol's batch, seeds {seeds}" if budget is not None
+             else f"synthetic dataset, {settings['iters']} iterations, seeds {seeds}")
     ax.set(ylabel="mIoU (%)", title=title)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize="small")
