@@ -2,8 +2,11 @@
 
 import json
 
+import pytest
+
 from scaleseg.bench.memory import format_table
 from scaleseg.cli import main
+from scaleseg.errors import ScalesegError
 
 TINY_BENCH = ["--backbone", "resnet_tiny", "--batch", "2", "--crop", "64", "--steps", "2", "--no-progress",
               "--set", "model.head.embedding.search_budget_mb=4"]
@@ -104,6 +107,22 @@ def test_max_batch_counts_out_of_memory_trials_as_not_fitting():
     assert {"batch": 16, "status": "oom", "peak_mb": None, "fits": False, "detail": "can't allocate memory"} in record["trials"]
     args.max_batch_limit = 8
     assert find_max_batch("baseline", 19, args, measure_trial=trial)["max_batch"] == 8
+
+
+def test_max_batch_stops_at_a_trial_that_failed_for_another_reason():
+    """A trial that errored (here: a config the model rejects) is not "does not fit": the search names
+    the batch and the cause instead of reporting 0."""
+    from types import SimpleNamespace
+
+    from scaleseg.bench.memory import find_max_batch
+
+    def trial(batch):
+        return {"status": "error", "detail": "ConfigError: model.group_norm_channels = 16 does not divide 24"}
+
+    args = SimpleNamespace(max_batch=100.0, max_batch_limit=256)
+    with pytest.raises(ScalesegError, match=r"baseline at C = 19: the memory trial at batch 2 failed \(error\), "
+                                            r"not for lack of memory: ConfigError: model.group_norm_channels"):
+        find_max_batch("baseline", 19, args, measure_trial=trial)
 
 
 def test_max_batch_trial_runs_in_its_own_process():

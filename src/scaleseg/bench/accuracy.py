@@ -225,7 +225,7 @@ def budget_batch(overrides: list[str], num_classes: int, crop: int, budget_gb: f
 
     def fits(batch: int) -> bool:
         record = measure(overrides, num_classes, batch, crop)
-        ok = trial_fits(record, budget_gb)
+        ok = trial_fits(record, budget_gb, batch, f"the {budget_gb:g} GiB batch search at C = {num_classes}")
         trials.append({"batch": batch, "status": record["status"], "peak_mb": record.get("peak_mb"), "fits": ok})
         return ok
 
@@ -289,7 +289,13 @@ def run_benchmark(args, train=train_one, measure=measure_batch) -> list[dict]:
         cfg.work_dir = str(work_dir)
         record = {"variant": variant, "num_classes": c, "seed": seed, "work_dir": str(work_dir)}
         if budget_gb is not None:  # each (variant, C) at the largest batch within the budget, equal images seen
-            cfg, found = _at_budget_batch(variant, c, seed, cfg, args, batches, measure)
+            try:
+                cfg, found = _at_budget_batch(variant, c, seed, cfg, args, batches, measure)
+            except ScalesegError as exc:  # a failed trial (not a lack of memory) is this run's error
+                record.update(status="error", error=f"{variant}: {exc}"[:500], seconds=0.0)
+                records.append(record)
+                _write(out, records, args, summary=None)
+                continue
             record.update(batch=cfg.data.batch_size if found["batch"] else 0, iters=cfg.train.iters,
                           images_seen=(cfg.data.batch_size * cfg.train.grad_accum * cfg.train.iters
                                        if found["batch"] else 0),

@@ -24,6 +24,7 @@ image-pooling branch needs 2 images, so a configuration where batch 2 does not f
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -187,8 +188,13 @@ def search_max_batch(fits: Callable[[int], bool], limit: int) -> tuple[int, list
     return fit, tried
 
 
-def trial_fits(record: dict, budget_gb: float) -> bool:
-    """A trial fits when it ran (no OOM, not killed) and its peak is within the budget."""
+def trial_fits(record: dict, budget_gb: float, batch: int, what: str) -> bool:
+    """A trial fits when it ran (no OOM, not killed) and its peak is within the budget. A trial that
+    failed for another reason (a config the model rejects, a bug) says nothing about memory: it stops
+    the search with its cause rather than reading as "does not fit" (`what` names the run)."""
+    if record["status"] not in ("ok", "oom", "killed"):
+        raise ScalesegError(f"{what}: the memory trial at batch {batch} failed ({record['status']}), "
+                            f"not for lack of memory: {record.get('detail', 'no detail')}")
     return record["status"] == "ok" and record["peak_mb"] <= budget_gb * 1024
 
 
@@ -203,7 +209,7 @@ def find_max_batch(head: str, num_classes: int, args, measure_trial: Callable[[i
 
     def fits(batch: int) -> bool:
         record = measure_trial(batch)
-        ok = trial_fits(record, args.max_batch)
+        ok = trial_fits(record, args.max_batch, batch, f"max batch of {head} at C = {num_classes}")
         trials.append({"batch": batch, "status": record["status"], "peak_mb": record.get("peak_mb"), "fits": ok,
                        **({"detail": record["detail"]} if "detail" in record else {})})
         return ok
@@ -236,7 +242,12 @@ def run_benchmark(args) -> list[dict]:
     if budget is not None:
         for head, num_classes in tqdm(pairs, desc=f"max batch in {budget:g} GiB", unit="config",
                                       disable=args.no_progress):
-            max_batches.append(find_max_batch(head, num_classes, args))
+            try:
+                max_batches.append(find_max_batch(head, num_classes, args))
+            except ScalesegError as exc:  # a trial failed for a reason other than memory: say which, go on
+                max_batches.append({"head": head, "num_classes": num_classes, "max_batch": None, "at_limit": False,
+                                    "error": str(exc)})
+                print(f"error: {exc}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from scaleseg.engine.runtime import select_device
@@ -292,6 +303,8 @@ def format_table(records: list[dict], heads: list[str], classes: list[int]) -> s
 
 
 def _max_batch_cell(record: dict) -> str:
+    if record["max_batch"] is None:
+        return "ERROR"
     if record["max_batch"] == 0:
         return "none"  # batch 2 does not fit
     return (">= " if record["at_limit"] else "") + str(record["max_batch"])
@@ -316,7 +329,8 @@ def plot(records: list[dict], heads: list[str], path: Path, meta: dict, max_batc
     if max_batches:
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
         for h in heads:
-            rows = sorted((r for r in max_batches if r["head"] == h), key=lambda r: r["num_classes"])
+            rows = sorted((r for r in max_batches if r["head"] == h and r["max_batch"] is not None),
+                          key=lambda r: r["num_classes"])
             ax2.plot([r["num_classes"] for r in rows], [r["max_batch"] for r in rows], marker="o", label=h)
         ax2.axhline(meta["max_batch_limit"], color="grey", linestyle="--", linewidth=1, label="search limit")
         ax2.set_xscale("log")
