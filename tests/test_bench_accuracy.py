@@ -29,6 +29,7 @@ def test_bench_accuracy_records_each_runs_own_metrics(tmp_path, capsys):
         work_dir = out / f"{r['variant']}_C10_seed0"
         own = json.loads((work_dir / "eval" / "iter_000002" / "metrics.json").read_text())
         assert {k: r[k] for k in ("mIoU", "aAcc", "mAcc", "fwIoU")} == {k: own[k] for k in ("mIoU", "aAcc", "mAcc", "fwIoU")}
+        assert (r["miou"], r["fwiou"], r["aacc"]) == (own["mIoU"], own["fwIoU"], own["aAcc"])  # the ESS tables' three
         cfg = load_config(work_dir / "config.yaml")  # the run trained what the variant says
         assert cfg.model.head.scorer == ("linear" if r["variant"] == "baseline" else "embedding")
         assert (cfg.data.num_classes, cfg.train.iters, cfg.train.seed, cfg.data.synthetic.image_size) == (10, 2, 0, (48, 48))
@@ -179,6 +180,8 @@ def test_collect_merges_outputs_run_apart_into_the_report_of_one_run(tmp_path, c
     assert main(["bench", "accuracy", "--collect", *map(str, parts), "--out", str(out)]) == 0
     collected = json.loads((out / "accuracy.json").read_text())
     assert collected["summary"] == whole["summary"]
+    assert [(r["miou"], r["fwiou"], r["aacc"]) for r in collected["records"]] == [
+        (10.0, 9.0, 20.0), (14.0, 13.0, 28.0), (7.5, 6.5, 15.0), (9.5, 8.5, 19.0)]
     assert collected["settings"]["seeds"] == [0, 1] and collected["settings"]["collected_from"] == list(map(str, parts))
     assert (out / "accuracy.md").read_text().splitlines()[:4] == (tmp_path / "whole" / "accuracy.md").read_text().splitlines()[:4]
     assert "| ess-knn | 8.50 (7.50..9.50) |" in capsys.readouterr().out
@@ -189,6 +192,13 @@ def test_collect_merges_outputs_run_apart_into_the_report_of_one_run(tmp_path, c
     assert "different settings (--iters [3, 5]" in capsys.readouterr().err
     assert main(["bench", "accuracy", "--collect", str(tmp_path / "nothing"), "--out", str(tmp_path / "z")]) == 2
     assert "not a `scaleseg bench accuracy` output" in capsys.readouterr().err
+    legacy = json.loads((parts[1] / "accuracy.json").read_text())  # an output written before the lower-case keys
+    for r in legacy["records"]:
+        del r["miou"], r["fwiou"], r["aacc"]
+    (parts[1] / "accuracy.json").write_text(json.dumps(legacy))
+    assert main(["bench", "accuracy", "--collect", str(parts[1]), "--out", str(tmp_path / "legacy")]) == 0
+    [r] = json.loads((tmp_path / "legacy" / "accuracy.json").read_text())["records"]
+    assert (r["miou"], r["fwiou"], r["aacc"]) == (7.5, 6.5, 15.0)
 
 
 def test_pyramid_runs_are_also_read_at_their_finest_level(tmp_path, capsys):

@@ -31,6 +31,15 @@ from pathlib import Path
 from scaleseg.errors import ScalesegError
 
 METRICS = ("mIoU", "aAcc", "mAcc", "fwIoU")
+# The three metrics of the ESS paper's tables again under lower-case keys in every record (mIoU, fwIoU,
+# pixel accuracy), so scripts need not know mmsegmentation's spelling; same values, same rounding.
+RECORD_ALIASES = {"miou": "mIoU", "fwiou": "fwIoU", "aacc": "aAcc"}
+
+
+def metric_fields(metrics: dict) -> dict:
+    """A run's metric fields for its record: METRICS as evaluated, plus RECORD_ALIASES of them."""
+    fields = {k: metrics.get(k) for k in METRICS}
+    return {**fields, **{alias: fields[k] for alias, k in RECORD_ALIASES.items()}}
 
 # The optimiser of configs/synthetic/ess.yaml (warm-up, clipping, class table LR x30), for every variant: the
 # baseline included, which has no class table, so that group's setting changes nothing there.
@@ -313,7 +322,7 @@ def run_benchmark(args, train=train_one, measure=measure_batch) -> list[dict]:
         try:
             metrics = train(cfg, work_dir)
             final = work_dir / "eval" / f"iter_{cfg.train.iters:06d}" / "metrics.json"
-            record.update(status="ok", **{k: metrics.get(k) for k in METRICS}, metrics_file=str(final))
+            record.update(status="ok", **metric_fields(metrics), metrics_file=str(final))
         except Exception as exc:  # noqa: BLE001 - a failed run is a result, not the end of the benchmark
             record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
         record["seconds"] = round(time.perf_counter() - start, 1)
@@ -322,9 +331,9 @@ def run_benchmark(args, train=train_one, measure=measure_batch) -> list[dict]:
             finest = {**record, "variant": variant + READOUT, "seconds": 0.0}
             try:
                 metrics, path = evaluate_finest(work_dir, cfg.train.iters)
-                finest.update({k: metrics.get(k) for k in METRICS}, metrics_file=str(path))
+                finest.update(metric_fields(metrics), metrics_file=str(path))
             except Exception as exc:  # noqa: BLE001 - recorded like a failed run
-                finest = {k: v for k, v in finest.items() if k not in METRICS}
+                finest = {k: v for k, v in finest.items() if k not in (*METRICS, *RECORD_ALIASES)}
                 finest.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
             records.append(finest)
         _write(out, records, args, summary=None)  # partial results, readable while a long benchmark runs
@@ -390,6 +399,8 @@ def collect(sources: list[str | Path], out: str | Path) -> tuple[list[dict], dic
                 raise ScalesegError(f"--collect: {r['variant']} C = {r['num_classes']} seed {r['seed']} is in both "
                                     f"{found[key]} and {path}; collect each run once")
             found[key] = path
+            if r.get("status") == "ok":  # outputs written before the aliases existed get them here
+                r = {**r, **{alias: r.get(k) for alias, k in RECORD_ALIASES.items() if alias not in r}}
             records.append(r)
     if len(iters) > 1 or len(extras) > 1:
         raise ScalesegError(f"--collect: the outputs were trained with different settings (--iters {sorted(iters)}, "
