@@ -373,6 +373,16 @@ COMMANDS: dict[str, Case] = {
                  ("--max-batch-limit 32", "--max-batch-limit 2")],
         append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/accuracy_budget/accuracy.json", "records"),
         why="C = 10, one seed, 2 iterations at 48x48, the batch search limited to 2 (each trial a fresh process)"),
+    "scaleseg bench accuracy --variants baseline --classes 5000 --seeds 0 --iters 1200 --memory-budget-gb 1 "
+    "--max-batch-limit 32 --set train.grad_accum=4 --out bench_results/accuracy_budget_ga": Case(
+        replace=[("--classes 5000", "--classes 10"), ("--iters 1200", "--iters 4"), ("--max-batch-limit 32", "--max-batch-limit 2")],
+        append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/accuracy_budget_ga/accuracy.json", "records"),
+        why="C = 10, 4 iterations' images (one step of 2 x 4) at 48x48, the batch search limited to 2"),
+    "scaleseg bench accuracy --variants baseline --classes 5000 --seeds 0 --iters 1200 --memory-budget-gb 1 "
+    "--max-batch-limit 32 --set model.norm=group --set model.group_norm_channels=8 --out bench_results/accuracy_budget_gn": Case(
+        replace=[("--classes 5000", "--classes 10"), ("--iters 1200", "--iters 2"), ("--max-batch-limit 32", "--max-batch-limit 2")],
+        append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/accuracy_budget_gn/accuracy.json", "records"),
+        why="C = 10, 2 iterations at 48x48, the batch search limited to 2 (each trial a fresh process)"),
     "scaleseg bench accuracy --variants ess-knn,ess-sphere,ess-sphere-x3 --classes 1000 --seeds 0 --iters 1200 "
     "--out bench_results/accuracy_lr": Case(
         replace=[("--classes 1000", "--classes 10"), ("--iters 1200", "--iters 2")],
