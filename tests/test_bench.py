@@ -173,6 +173,32 @@ def test_bench_memory_max_batch_outputs(tmp_path, monkeypatch, capsys):
     assert (out / "memory.png").stat().st_size > 0
 
 
+def test_bench_memory_max_batch_reports_a_failed_trial_and_goes_on(tmp_path, monkeypatch, capsys):
+    """A (head, C) whose trial errors at batch 8 gets an ERROR cell with the cause on stderr and in the
+    JSON (not a max batch of 4); the other pairs are still searched."""
+    from scaleseg.bench import memory
+
+    def fake(head, num_classes, args, limit_gb, batch=None):
+        batch = args.batch if batch is None else batch
+        if head == "ess-knn" and batch == 8:
+            return {"head": head, "num_classes": num_classes, "status": "error", "detail": "ValueError: boom"}
+        return {"head": head, "num_classes": num_classes, "status": "ok", "peak_mb": 300.0 + 37 * batch,
+                "step_mb": 37.0 * batch}
+
+    monkeypatch.setattr(memory, "run_one_subprocess", fake)
+    out = tmp_path / "mem"
+    assert main(["bench", "memory", "--classes", "19", "--heads", "baseline,ess-knn", "--max-batch", "10",
+                 "--max-batch-limit", "16", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "memory.json").read_text())
+    by = {r["head"]: r for r in report["max_batch"]}
+    assert (by["baseline"]["max_batch"], by["ess-knn"]["max_batch"]) == (16, None)
+    assert "ess-knn at C = 19: the memory trial at batch 8 failed (error), not for lack of memory: ValueError: boom" \
+        in by["ess-knn"]["error"]
+    assert (out / "memory.md").read_text().rstrip().splitlines()[-2:] == ["| baseline | >= 16 |", "| ess-knn | ERROR |"]
+    assert "ValueError: boom" in capsys.readouterr().err
+    assert (out / "memory.png").stat().st_size > 0
+
+
 def test_max_batch_table_and_bad_budget(tmp_path, capsys):
     from scaleseg.bench.memory import format_max_batch_table
 
