@@ -383,6 +383,12 @@ COMMANDS: dict[str, Case] = {
         replace=[("--classes 5000", "--classes 10"), ("--iters 1200", "--iters 2"), ("--max-batch-limit 32", "--max-batch-limit 2")],
         append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/accuracy_budget_gn/accuracy.json", "records"),
         why="C = 10, 2 iterations at 48x48, the batch search limited to 2 (each trial a fresh process)"),
+    "scaleseg bench accuracy --variants single-semantic,pyramid --classes 1000 --seeds 0,1 --iters 1200 --set "
+    "data.synthetic.image_size=320 --set data.train_pipeline.crop_size=256 --set data.batch_size=4 "
+    "--out bench_results/pyramid_crop256": Case(
+        replace=[("--classes 1000", "--classes 10"), ("--iters 1200", "--iters 2"), ("--seeds 0,1", "--seeds 0")],
+        append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/pyramid_crop256/accuracy.json", "records"),
+        why="C = 10, one seed, 2 iterations (BENCH_SET's 48x48 images, 32x32 crops and batch 2, given last, win)"),
     "scaleseg bench accuracy --variants ess-knn,ess-sphere,ess-sphere-x3 --classes 1000 --seeds 0 --iters 1200 "
     "--out bench_results/accuracy_lr": Case(
         replace=[("--classes 1000", "--classes 10"), ("--iters 1200", "--iters 2")],
