@@ -143,6 +143,12 @@ def all_ok(path: str, key: str = "results"):
     return check
 
 
+def quiet_accuracy_run(out_dir: str) -> dict:
+    """Case fields of a documented `bench accuracy` run: BENCH_SET's tiny data appended, no progress bar,
+    and every record of bench_results/<out_dir>/accuracy.json ok."""
+    return {"append": [*BENCH_SET, "--no-progress"], "check": all_ok(f"bench_results/{out_dir}/accuracy.json", "records")}
+
+
 def speed_ok(path: str):
     """speed.json: every (head, C) measured, each part (training step, inference) with status ok."""
     def check(ws: Path) -> None:
@@ -371,28 +377,28 @@ COMMANDS: dict[str, Case] = {
     "--memory-budget-gb 1 --max-batch-limit 32 --out bench_results/accuracy_budget": Case(
         replace=[("--classes 1000,5000,20000", "--classes 10"), ("--iters 1200", "--iters 2"), ("--seeds 0,1", "--seeds 0"),
                  ("--max-batch-limit 32", "--max-batch-limit 2")],
-        append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/accuracy_budget/accuracy.json", "records"),
+        **quiet_accuracy_run("accuracy_budget"),
         why="C = 10, one seed, 2 iterations at 48x48, the batch search limited to 2 (each trial a fresh process)"),
     "scaleseg bench accuracy --variants baseline --classes 5000 --seeds 0 --iters 1200 --memory-budget-gb 1 "
     "--max-batch-limit 32 --set train.grad_accum=4 --out bench_results/accuracy_budget_ga": Case(
         replace=[("--classes 5000", "--classes 10"), ("--iters 1200", "--iters 4"), ("--max-batch-limit 32", "--max-batch-limit 2")],
-        append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/accuracy_budget_ga/accuracy.json", "records"),
+        **quiet_accuracy_run("accuracy_budget_ga"),
         why="C = 10, 4 iterations' images (one step of 2 x 4) at 48x48, the batch search limited to 2"),
     "scaleseg bench accuracy --variants baseline --classes 5000 --seeds 0 --iters 1200 --memory-budget-gb 1 "
     "--max-batch-limit 32 --set model.norm=group --set model.group_norm_channels=8 --out bench_results/accuracy_budget_gn": Case(
         replace=[("--classes 5000", "--classes 10"), ("--iters 1200", "--iters 2"), ("--max-batch-limit 32", "--max-batch-limit 2")],
-        append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/accuracy_budget_gn/accuracy.json", "records"),
+        **quiet_accuracy_run("accuracy_budget_gn"),
         why="C = 10, 2 iterations at 48x48, the batch search limited to 2 (each trial a fresh process)"),
     "scaleseg bench accuracy --variants single-semantic,pyramid --classes 1000 --seeds 0,1 --iters 1200 --set "
     "data.synthetic.image_size=320 --set data.train_pipeline.crop_size=256 --set data.batch_size=4 "
     "--out bench_results/pyramid_crop256": Case(
         replace=[("--classes 1000", "--classes 10"), ("--iters 1200", "--iters 2"), ("--seeds 0,1", "--seeds 0")],
-        append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/pyramid_crop256/accuracy.json", "records"),
+        **quiet_accuracy_run("pyramid_crop256"),
         why="C = 10, one seed, 2 iterations (BENCH_SET's 48x48 images, 32x32 crops and batch 2, given last, win)"),
     "scaleseg bench accuracy --variants ess-knn,ess-sphere,ess-sphere-x3 --classes 1000 --seeds 0 --iters 1200 "
     "--out bench_results/accuracy_lr": Case(
         replace=[("--classes 1000", "--classes 10"), ("--iters 1200", "--iters 2")],
-        append=[*BENCH_SET, "--no-progress"], check=all_ok("bench_results/accuracy_lr/accuracy.json", "records"),
+        **quiet_accuracy_run("accuracy_lr"),
         why="C = 10, 2 iterations per run on 48x48 images"),
     "scaleseg bench accuracy --variants ess-ivf,ess-fast --classes 1000 --seeds 0,1 --iters 300 --set data.batch_size=4 "
     "--set data.train_pipeline.crop_size=64 --out bench_results/accuracy_index --no-progress": Case(

@@ -302,16 +302,15 @@ def run_benchmark(args, train=train_one, measure=measure_batch) -> list[dict]:
                 cfg, found = _at_budget_batch(variant, c, seed, cfg, args, batches, measure)
             except ScalesegError as exc:  # a failed trial (not a lack of memory) is this run's error
                 record.update(status="error", error=f"{variant}: {exc}"[:500], seconds=0.0)
-                records.append(record)
-                _write(out, records, args, summary=None)
-                continue
-            record.update(batch=cfg.data.batch_size if found["batch"] else 0, iters=cfg.train.iters,
-                          images_seen=(cfg.data.batch_size * cfg.train.grad_accum * cfg.train.iters
-                                       if found["batch"] else 0),
-                          batch_at_limit=found["at_limit"], batch_trials=found["trials"])
-            if not found["batch"]:
-                record.update(status="does not fit", error=f"batch 2 needs more than {budget_gb:g} GiB",
-                              seconds=0.0)
+            else:
+                record.update(batch=cfg.data.batch_size if found["batch"] else 0, iters=cfg.train.iters,
+                              images_seen=(cfg.data.batch_size * cfg.train.grad_accum * cfg.train.iters
+                                           if found["batch"] else 0),
+                              batch_at_limit=found["at_limit"], batch_trials=found["trials"])
+                if not found["batch"]:
+                    record.update(status="does not fit", error=f"batch 2 needs more than {budget_gb:g} GiB",
+                                  seconds=0.0)
+            if "status" in record:  # not trained: recorded as it stands
                 records.append(record)
                 _write(out, records, args, summary=None)
                 continue
