@@ -9,6 +9,7 @@ import pytest
 from scaleseg.bench import accuracy
 from scaleseg.cli import main
 from scaleseg.config import load_config
+from scaleseg.errors import ScalesegError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = ["data.synthetic.image_size=48", "data.train_pipeline.crop_size=32", "data.synthetic.train_length=16",
@@ -50,7 +51,7 @@ def test_aggregate_table_and_failed_runs_recorded(tmp_path):
     """Fake training: mean (min..max) over seeds; a run that raises is recorded, the others go on."""
     fake = {("baseline", 0): 10.0, ("baseline", 1): 13.0, ("baseline", 2): 16.0, ("ess-knn", 0): 7.5}
 
-    def train(cfg, work_dir):
+    def train(cfg, work_dir, resume=False):
         variant = "baseline" if cfg.model.head.scorer == "linear" else "ess-knn"
         if (variant, cfg.train.seed) not in fake:
             raise RuntimeError("diverged")
@@ -163,19 +164,19 @@ def test_collect_merges_outputs_run_apart_into_the_report_of_one_run(tmp_path, c
     into the same summary and table as the one benchmark gives; mixed protocols and duplicates are refused."""
     fake = {("baseline", 0): 10.0, ("baseline", 1): 14.0, ("ess-knn", 0): 7.5, ("ess-knn", 1): 9.5}
 
-    def train(cfg, work_dir):
+    def train(cfg, work_dir, resume=False):
         m = fake[("baseline" if cfg.model.head.scorer == "linear" else "ess-knn", cfg.train.seed)]
         return {"mIoU": m, "aAcc": 2 * m, "mAcc": m + 1, "fwIoU": m - 1}
 
-    def bench(out, variants, seeds, iters=3):
-        args = SimpleNamespace(variants=variants, classes=[12], seeds=seeds, iters=iters, set=None, out=out,
+    def bench(out, variants, seeds, iters=3, extra=None):
+        args = SimpleNamespace(variants=variants, classes=[12], seeds=seeds, iters=iters, set=extra, out=out,
                                no_progress=True)
         accuracy.run_benchmark(args, train=train)
         return out
 
     whole = json.loads((bench(tmp_path / "whole", ["baseline", "ess-knn"], [0, 1]) / "accuracy.json").read_text())
     parts = [bench(tmp_path / "a", ["baseline"], [0, 1]), bench(tmp_path / "b", ["ess-knn"], [0]),
-             bench(tmp_path / "c", ["ess-knn"], [1])]
+             bench(tmp_path / "c", ["ess-knn"], [1], extra=["train.checkpoint_interval=100"])]  # one protocol still
     out = tmp_path / "collected"
     assert main(["bench", "accuracy", "--collect", *map(str, parts), "--out", str(out)]) == 0
     collected = json.loads((out / "accuracy.json").read_text())
@@ -190,6 +191,9 @@ def test_collect_merges_outputs_run_apart_into_the_report_of_one_run(tmp_path, c
     other = bench(tmp_path / "d", ["ess-knn"], [2], iters=5)
     assert main(["bench", "accuracy", "--collect", str(parts[0]), str(other), "--out", str(tmp_path / "y")]) == 2
     assert "different settings (--iters [3, 5]" in capsys.readouterr().err
+    other = bench(tmp_path / "e", ["ess-knn"], [2], extra=["optim.lr=0.1"])  # a --set that changes the runs
+    assert main(["bench", "accuracy", "--collect", str(parts[0]), str(other), "--out", str(tmp_path / "w")]) == 2
+    assert "--set [[], ['optim.lr=0.1']]" in capsys.readouterr().err
     assert main(["bench", "accuracy", "--collect", str(tmp_path / "nothing"), "--out", str(tmp_path / "z")]) == 2
     assert "not a `scaleseg bench accuracy` output" in capsys.readouterr().err
     legacy = json.loads((parts[1] / "accuracy.json").read_text())  # an output written before the lower-case keys
@@ -242,7 +246,7 @@ def test_memory_budget_trains_each_variant_at_its_largest_fitting_batch_for_equa
         measured.append((variant, num_classes, batch, crop))
         return {"status": "ok", "peak_mb": 100 + cost[(variant, num_classes)] * batch}
 
-    def train(cfg, work_dir):
+    def train(cfg, work_dir, resume=False):
         trained.append((cfg.model.head.scorer, cfg.data.num_classes, cfg.train.seed, cfg.data.batch_size, cfg.train.iters))
         return {"mIoU": 1.0, "aAcc": 2.0, "mAcc": 3.0, "fwIoU": 4.0}
 
@@ -286,7 +290,7 @@ def test_memory_budget_with_grad_accum_keeps_the_images_seen(tmp_path):
     of batch 2 alone, so every run sees --iters x 8 images (accumulation adds steps' batch, not images)."""
     trained = []
 
-    def train(cfg, work_dir):
+    def train(cfg, work_dir, resume=False):
         trained.append((cfg.data.batch_size, cfg.train.grad_accum, cfg.train.iters))
         return {"mIoU": 1.0, "aAcc": 2.0, "mAcc": 3.0, "fwIoU": 4.0}
 
@@ -305,7 +309,7 @@ def test_memory_budget_reports_a_failed_trial_as_an_error_not_as_does_not_fit(tm
     (seed 1, which fails the same way)."""
     trained = []
 
-    def train(cfg, work_dir):
+    def train(cfg, work_dir, resume=False):
         trained.append(cfg.model.norm)
         return {"mIoU": 1.0, "aAcc": 2.0, "mAcc": 3.0, "fwIoU": 4.0}
 
@@ -330,3 +334,91 @@ def test_memory_budget_measures_a_real_training_step(tmp_path):
     assert record["status"] == "ok" and 100 < record["peak_mb"] < 4096
     found = accuracy.budget_batch(overrides, 10, 32, budget_gb=record["peak_mb"] / 1024 / 2, limit=4)
     assert found["batch"] == 0 and found["trials"][0]["fits"] is False  # half of batch 2's peak: nothing fits
+
+
+def test_resume_continues_a_stopped_run_from_its_checkpoint_to_the_uninterrupted_result(tmp_path):
+    """A benchmark stopped mid-run (here: the step after the checkpoint at iteration 2 raises) continues
+    with --resume from that checkpoint and ends with the metrics of the same run never stopped."""
+    from scaleseg.engine.trainer import Trainer
+
+    def args(out, resume=False):
+        return SimpleNamespace(variants=["baseline"], classes=[10], seeds=[0], iters=4, out=out, no_progress=True,
+                               set=[*TINY_RUN, "train.checkpoint_interval=2"], resume=resume)
+
+    def stopped_at_iteration_3(cfg, work_dir, resume=False):
+        trainer = Trainer(cfg, work_dir=work_dir, resume=resume)
+        step = trainer.run_step
+
+        def run_step():
+            if trainer.state.iteration == 3:
+                raise RuntimeError("the job was stopped")
+            return step()
+        trainer.run_step = run_step
+        return trainer.run()
+
+    whole = accuracy.run_benchmark(args(tmp_path / "whole"))
+    stopped = accuracy.run_benchmark(args(tmp_path / "acc"), train=stopped_at_iteration_3)
+    assert [r["status"] for r in stopped] == ["error"] and "the job was stopped" in stopped[0]["error"]
+    run_dir = tmp_path / "acc" / "baseline_C10_seed0"
+    assert [p.name for p in sorted(run_dir.glob("iter_*.pth"))] == ["iter_000002.pth"]
+    with pytest.raises(ScalesegError, match="holds runs of an earlier benchmark .*baseline_C10_seed0.*--resume"):
+        accuracy.run_benchmark(args(tmp_path / "acc"))  # not without --resume: nothing is overwritten
+    assert json.loads((tmp_path / "acc" / "accuracy.json").read_text())["records"][0]["status"] == "error"
+    resumed = accuracy.run_benchmark(args(tmp_path / "acc", resume=True))
+    assert resumed[0]["status"] == "ok" and resumed[0]["resumed"] is True
+    assert "resumed from" in (run_dir / "train.log").read_text() and (run_dir / "iter_000004.pth").exists()
+    assert {k: resumed[0][k] for k in METRIC_KEYS} == {k: whole[0][k] for k in METRIC_KEYS}
+
+
+METRIC_KEYS = ("mIoU", "aAcc", "mAcc", "fwIoU", "miou", "fwiou", "aacc")
+
+
+def test_resume_keeps_finished_runs_and_each_batch_search_and_refuses_another_protocol(tmp_path, capsys):
+    """--resume under a budget: the runs recorded ok are not trained again, the others continue at the
+    batch their (variant, C)'s first search found (no second search, whose measurement could differ),
+    and an output written with other options is refused, naming the option."""
+    trained, measured = [], []
+
+    def measure(overrides, num_classes, batch, crop):
+        measured.append(batch)
+        return {"status": "ok", "peak_mb": 100 + 30 * batch}  # 512 MiB: batch 13
+
+    def train(cfg, work_dir, resume=False):
+        trained.append((cfg.train.seed, cfg.data.batch_size, resume))
+        if cfg.train.seed == 1 and not resume:
+            raise RuntimeError("killed")
+        return {"mIoU": 10.0 + cfg.train.seed, "aAcc": 2.0, "mAcc": 3.0, "fwIoU": 4.0}
+
+    out = tmp_path / "acc"
+    args = SimpleNamespace(variants=["baseline"], classes=[40], seeds=[0, 1], iters=30, set=None, out=out,
+                           no_progress=True, memory_budget_gb=0.5, max_batch_limit=32)
+    first = accuracy.run_benchmark(args, train=train, measure=measure)
+    assert [r["status"] for r in first] == ["ok", "error"] and trained == [(0, 13, False), (1, 13, False)]
+    searches = json.loads((out / "batch_search.json").read_text())["batches"]
+    assert [(b["variant"], b["num_classes"], b["batch"]) for b in searches] == [("baseline", 40, 13)]
+    measured.clear()
+    args.resume = True
+    resumed = accuracy.run_benchmark(args, train=train, measure=measure)
+    assert trained[2:] == [(1, 13, True)] and measured == []  # seed 0 kept, seed 1 continued, nothing re-measured
+    assert resumed[0] == first[0] and (resumed[1]["status"], resumed[1]["mIoU"], resumed[1]["batch"]) == ("ok", 11.0, 13)
+    report = json.loads((out / "accuracy.json").read_text())
+    assert report["summary"][0]["mIoU"]["mean"] == 10.5
+    args.seeds = [0, 1, 2]  # more seeds of the same protocol: only the new one trains
+    accuracy.run_benchmark(args, train=train, measure=measure)
+    assert trained[3:] == [(2, 13, True)] and measured == []
+    for change, message in ((dict(iters=60), "iters = 30, this command has 60"),
+                            (dict(set=["train.seed=3"]), "extra_overrides = \\[\\], this command has \\['train.seed=3'\\]"),
+                            (dict(memory_budget_gb=1.0), "memory_budget_gb = 0.5, this command has 1.0")):
+        with pytest.raises(ScalesegError, match=f"--resume: .*accuracy.json was written with {message}"):
+            accuracy.run_benchmark(SimpleNamespace(**{**vars(args), **change}), train=train, measure=measure)
+    (out / "accuracy.json").write_text("{not json")
+    with pytest.raises(ScalesegError, match="accuracy.json is not a readable `scaleseg bench accuracy` file"):
+        accuracy.run_benchmark(args, train=train, measure=measure)
+    # the CLI: --resume is an option; the recorded reproducing command stays the one without it
+    assert main(["bench", "accuracy", "--classes", "10", "--variants", "baseline", "--iters", "2", *TINY_SET,
+                 "--no-progress", "--out", str(tmp_path / "cli"), "--resume"]) == 0
+    report = json.loads((tmp_path / "cli" / "accuracy.json").read_text())
+    assert "--resume" not in report["settings"]["command"] and report["records"][0]["status"] == "ok"
+    assert main(["bench", "accuracy", "--classes", "10", "--variants", "baseline", "--iters", "2", *TINY_SET,
+                 "--no-progress", "--out", str(tmp_path / "cli"), "--resume"]) == 0  # all done: trains nothing
+    assert json.loads((tmp_path / "cli" / "accuracy.json").read_text())["records"] == report["records"]

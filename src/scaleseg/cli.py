@@ -375,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: one report in --out from several outputs of this command (e.g. one per "
                         "variant and seed, run in parallel)")
     p.add_argument("--out", default="bench_results/accuracy")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the benchmark stopped in --out (same options): keep its finished runs, continue "
+                        "the others from their newest checkpoint (see train.checkpoint_interval) at the batch "
+                        "their search found")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_accuracy)
 

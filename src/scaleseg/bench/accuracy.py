@@ -20,6 +20,15 @@ Outputs in `--out`: accuracy.json (every run's record with its wall-clock second
 accuracy.md (mIoU table: rows variants, columns C, cells mean (min..max) over seeds; then every
 metric) and accuracy.png (mIoU per variant grouped by C). A run that fails is recorded with its
 error and the benchmark goes on.
+
+`--resume` continues a benchmark that was stopped (a crash, a killed job, a session's end) in the same
+`--out` with the same protocol (--iters, --set, --memory-budget-gb, --max-batch-limit; anything else is
+refused): runs recorded `ok` in its accuracy.json are kept as they are, every other run continues from
+the newest checkpoint in its work dir (the trainer's exact resume; `--set train.checkpoint_interval=N`
+decides how much a stop can lose, since a bench run otherwise checkpoints only at its end) or starts,
+and each (variant, C) keeps the batch its first search found (batch_search.json), so a resumed run
+trains at the batch of its checkpoint. A resumed run's `seconds` are those of the process that
+finished it; its record says `resumed`.
 """
 
 from __future__ import annotations
@@ -207,11 +216,12 @@ def build_configs(variants, classes, seeds, iters, extra) -> list[tuple[str, int
     return runs
 
 
-def train_one(cfg, work_dir: Path) -> dict:
-    """One training run; returns its final evaluation summary (percent). Replaceable in tests."""
+def train_one(cfg, work_dir: Path, resume: bool = False) -> dict:
+    """One training run (continued from the newest checkpoint in `work_dir` when `resume`); returns its
+    final evaluation summary (percent). Replaceable in tests."""
     from scaleseg.engine.trainer import Trainer
 
-    return Trainer(cfg, work_dir=work_dir, resume=False).run()
+    return Trainer(cfg, work_dir=work_dir, resume=resume).run()
 
 
 def measure_batch(overrides: list[str], num_classes: int, batch: int, crop: int) -> dict:
@@ -280,29 +290,141 @@ def _at_budget_batch(variant: str, c: int, seed: int, cfg, args, batches: dict, 
     return load_config(None, [*overrides, f"data.batch_size={found['batch']}", f"train.iters={iters}"]), found
 
 
+# --set keys that decide how a run is checkpointed and logged, not what it learns: outputs that differ
+# only in these are one protocol (--collect, --resume), e.g. a long run given train.checkpoint_interval
+BOOKKEEPING_KEYS = ("train.checkpoint_interval", "train.keep_checkpoints", "train.log_interval", "train.progress")
+
+
+def protocol_overrides(extra) -> list[str]:
+    """The --set overrides that can change a run's result (all but BOOKKEEPING_KEYS), in order."""
+    return [o for o in extra or [] if o.split("=", 1)[0].strip() not in BOOKKEEPING_KEYS]
+
+
+BATCH_SEARCH = "batch_search.json"  # in --out: each (variant, C)'s batch search, kept for --resume
+# what a resumed benchmark must share with the one it continues: every run's config depends on them
+PROTOCOL_KEYS = ("iters", "shared_overrides", "extra_overrides", "memory_budget_gb", "max_batch_limit")
+
+
+def _read_output(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
+            raise ValueError("no settings")
+        return data
+    except (OSError, ValueError) as exc:
+        raise ScalesegError(f"--resume: {path} is not a readable `scaleseg bench accuracy` file ({exc}); "
+                            "delete it to redo what it recorded, or choose another --out") from None
+
+
+def _check_protocol(path: Path, old: dict, args) -> None:
+    """--resume refuses an output written under another protocol, naming the first difference."""
+    new = _settings(args)
+    old = {**old, "extra_overrides": protocol_overrides(old.get("extra_overrides"))}
+    new["extra_overrides"] = protocol_overrides(new["extra_overrides"])
+    for key in PROTOCOL_KEYS:
+        if old.get(key) != new.get(key):
+            raise ScalesegError(f"--resume: {path} was written with {key} = {old.get(key)!r}, this command has "
+                                f"{new.get(key)!r}; resume with the options it records ({old.get('command', '?')}) "
+                                "or choose another --out")
+    for variant, overrides in (old.get("variants") or {}).items():
+        if variant in new["variants"] and overrides is not None and overrides != new["variants"][variant]:
+            raise ScalesegError(f"--resume: variant {variant} ran with the overrides {overrides} in {path}; it "
+                                f"has {new['variants'][variant]} now; choose another --out")
+
+
+def load_previous(out: Path, args) -> tuple[dict, dict]:
+    """--resume: (the `ok` records of the benchmark stopped in `out`, by (variant, C, seed), a pyramid's
+    finest-level reading under its own variant name; its batch searches, by (variant, C)). Both empty
+    when `out` holds neither file."""
+    done, batches = {}, {}
+    if (out / "accuracy.json").exists():
+        data = _read_output(out / "accuracy.json")
+        _check_protocol(out / "accuracy.json", data["settings"], args)
+        done = {(r["variant"], r["num_classes"], r["seed"]): r for r in data.get("records", [])
+                if r.get("status") == "ok"}
+    if (out / BATCH_SEARCH).exists():
+        data = _read_output(out / BATCH_SEARCH)
+        _check_protocol(out / BATCH_SEARCH, data["settings"], args)
+        batches = {(b["variant"], b["num_classes"]): {k: b[k] for k in ("batch", "at_limit", "trials")}
+                   for b in data.get("batches", [])}
+    return done, batches
+
+
+def _write_batches(out: Path, batches: dict, args) -> None:
+    from scaleseg.data.io import atomic_write
+
+    text = json.dumps({"settings": _settings(args), "batches": [
+        {"variant": v, "num_classes": c, **found} for (v, c), found in batches.items()]}, indent=2) + "\n"
+    atomic_write(out / BATCH_SEARCH, lambda tmp: tmp.write_text(text))
+
+
+def _refuse_earlier_runs(runs, out: Path) -> None:
+    """Without --resume, an --out holding runs of an earlier benchmark is refused before anything is
+    written (its accuracy.json would be overwritten and every run refused by its work dir)."""
+    from scaleseg.engine.trainer import own_checkpoints
+
+    held = [run_name(v, c, s) for v, c, s, _ in runs if (out / run_name(v, c, s)).is_dir()
+            and own_checkpoints(out / run_name(v, c, s))]
+    if held:
+        raise ScalesegError(f"--out {out} holds runs of an earlier benchmark ({', '.join(held[:3])}"
+                            f"{', ...' if len(held) > 3 else ''}); continue it with --resume (same options), "
+                            "or choose another --out")
+
+
+def _finest_record(record: dict, variant: str, work_dir: Path) -> dict:
+    """A trained pyramid run also read at its finest level alone (S&F Table 8), as its own record."""
+    finest = {**record, "variant": variant + READOUT, "seconds": 0.0}
+    finest.pop("resumed", None)
+    try:
+        metrics, path = evaluate_finest(work_dir, record["iters"])
+        finest.update(metric_fields(metrics), metrics_file=str(path))
+    except Exception as exc:  # noqa: BLE001 - recorded like a failed run
+        finest = {k: v for k, v in finest.items() if k not in (*METRICS, *RECORD_ALIASES)}
+        finest.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+    return finest
+
+
 def run_benchmark(args, train=train_one, measure=measure_batch) -> list[dict]:
     """All runs in sequence under one progress bar; writes accuracy.json/.md/.png into args.out."""
     from tqdm import tqdm
 
+    from scaleseg.engine.trainer import own_checkpoints
+
     out = Path(args.out)
+    resume = bool(getattr(args, "resume", False))
     runs = build_configs(args.variants, args.classes, args.seeds, args.iters, list(args.set or []))
+    if resume:
+        previous, batches = load_previous(out, args)  # batches: (variant, C) -> its budget_batch record
+    else:
+        _refuse_earlier_runs(runs, out)
+        previous, batches = {}, {}
     out.mkdir(parents=True, exist_ok=True)
     budget_gb = getattr(args, "memory_budget_gb", None)
-    batches: dict[tuple[str, int], dict] = {}  # (variant, C) -> its budget_batch record
     records = []
     bar = tqdm(runs, desc="bench accuracy", unit="run", disable=args.no_progress, dynamic_ncols=True)
     for variant, c, seed, cfg in bar:
         name = run_name(variant, c, seed)
         bar.set_postfix_str(name)
         work_dir = out / name
+        is_pyramid = cfg.model.head.structure == "pyramid"
+        if (variant, c, seed) in previous:  # --resume: finished before the stop, kept as recorded
+            records.append(previous[(variant, c, seed)])
+            if is_pyramid:
+                finest = previous.get((variant + READOUT, c, seed))
+                records.append(finest or _finest_record(records[-1], variant, work_dir))
+            _write(out, records, args, summary=None)
+            continue
         cfg.work_dir = str(work_dir)
         record = {"variant": variant, "num_classes": c, "seed": seed, "work_dir": str(work_dir)}
         if budget_gb is not None:  # each (variant, C) at the largest batch within the budget, equal images seen
+            searched = len(batches)
             try:
                 cfg, found = _at_budget_batch(variant, c, seed, cfg, args, batches, measure)
             except ScalesegError as exc:  # a failed trial (not a lack of memory) is this run's error
                 record.update(status="error", error=f"{variant}: {exc}"[:500], seconds=0.0)
             else:
+                if len(batches) > searched:
+                    _write_batches(out, batches, args)
                 record.update(batch=cfg.data.batch_size if found["batch"] else 0, iters=cfg.train.iters,
                               images_seen=(cfg.data.batch_size * cfg.train.grad_accum * cfg.train.iters
                                            if found["batch"] else 0),
@@ -317,24 +439,19 @@ def run_benchmark(args, train=train_one, measure=measure_batch) -> list[dict]:
             cfg.work_dir = str(work_dir)
         else:
             record.update(batch=cfg.data.batch_size, iters=cfg.train.iters)
+        if resume and work_dir.is_dir() and own_checkpoints(work_dir):
+            record["resumed"] = True
         start = time.perf_counter()
         try:
-            metrics = train(cfg, work_dir)
+            metrics = train(cfg, work_dir, resume=resume)
             final = work_dir / "eval" / f"iter_{cfg.train.iters:06d}" / "metrics.json"
             record.update(status="ok", **metric_fields(metrics), metrics_file=str(final))
         except Exception as exc:  # noqa: BLE001 - a failed run is a result, not the end of the benchmark
             record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
         record["seconds"] = round(time.perf_counter() - start, 1)
         records.append(record)
-        if record["status"] == "ok" and cfg.model.head.structure == "pyramid":  # also Table 8's finest reading
-            finest = {**record, "variant": variant + READOUT, "seconds": 0.0}
-            try:
-                metrics, path = evaluate_finest(work_dir, cfg.train.iters)
-                finest.update(metric_fields(metrics), metrics_file=str(path))
-            except Exception as exc:  # noqa: BLE001 - recorded like a failed run
-                finest = {k: v for k, v in finest.items() if k not in (*METRICS, *RECORD_ALIASES)}
-                finest.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
-            records.append(finest)
+        if record["status"] == "ok" and is_pyramid:  # also Table 8's finest reading
+            records.append(_finest_record(record, variant, work_dir))
         _write(out, records, args, summary=None)  # partial results, readable while a long benchmark runs
     write_report(out, records, _settings(args))
     return records
@@ -376,7 +493,8 @@ def write_report(out: Path, records: list[dict], settings: dict) -> list[dict]:
 def collect(sources: list[str | Path], out: str | Path) -> tuple[list[dict], dict]:
     """One report from several `bench accuracy` outputs (e.g. one per variant and seed, run in parallel):
     their records side by side, as one run of all of them would give. The outputs must share --iters and
-    --set; a (variant, C, seed) found twice is refused. Returns (records, settings)."""
+    --set (bar the checkpointing and logging keys, BOOKKEEPING_KEYS); a (variant, C, seed) found twice is
+    refused. Returns (records, settings)."""
     records: list[dict] = []
     commands, iters, extras, budgets, found = [], set(), set(), set(), {}
     for source in sources:
@@ -389,7 +507,7 @@ def collect(sources: list[str | Path], out: str | Path) -> tuple[list[dict], dic
             raise ScalesegError(f"--collect {str(source)!r}: not a `scaleseg bench accuracy` output ({path}: {exc}); "
                                 "pass its --out folder or its accuracy.json") from None
         iters.add(settings["iters"])
-        extras.add(tuple(settings.get("extra_overrides", [])))
+        extras.add(tuple(protocol_overrides(settings.get("extra_overrides"))))
         budgets.add((settings.get("memory_budget_gb"), settings.get("max_batch_limit")))
         commands.append(settings["command"])
         for r in runs:
