@@ -368,6 +368,10 @@ COMMANDS: dict[str, Case] = {
     "--loss-resolution full --limit-gb 12 --out bench_results/memory_fast --no-progress": Case(
         replace=[("19,1000000", "10,300"), *TINY_NET],
         check=all_ok("bench_results/memory_fast/memory.json"), why="C = 10 and 300 on resnet_tiny 32x32 crops"),
+    "scaleseg bench memory --classes 19,1000000 --heads ess-knn-fast --backbone resnet50 --batch 2 --crop 512 --steps 2 "
+    "--loss-resolution full --limit-gb 16 --out bench_results/memory_fast_crop512 --no-progress": Case(
+        replace=[("19,1000000", "10,300"), ("--backbone resnet50", "--backbone resnet_tiny"), ("--crop 512", "--crop 32")],
+        check=all_ok("bench_results/memory_fast_crop512/memory.json"), why="C = 10 and 300 on resnet_tiny 32x32 crops"),
     "scaleseg bench accuracy --variants ess-exact,ess-cached,ess-block4,ess-ivf,ess-fast,ess-block2 --classes 1000 --seeds 0,1 "
     "--iters 300 --set data.batch_size=4 --set data.train_pipeline.crop_size=64 --out bench_results/accuracy_C1000 --no-progress": Case(
         replace=[("--classes 1000", "--classes 10"), ("--iters 300", "--iters 2"), ("--seeds 0,1", "--seeds 0")],
