@@ -27,3 +27,51 @@ def paired_logits(x: torch.Tensor, mu: torch.Tensor, tau: float, distance: str) 
         x = x.unsqueeze(1)
     sq = (x - mu).pow(2).sum(-1)
     return logits_from_squared(sq, tau, distance)
+
+
+# Class-table helpers whose backward writes one (C, d) tensor. Autograd's own chains for these
+# (gather, subtraction, power, sum) make two to four (C, d) temporaries each; they run in the loss's
+# backward, when the network's activations are at their peak, and at C = 10^6 and d = 12 each is
+# 46 MiB (`scaleseg bench memory ... --classes 19,1000000`, docs/benchmarks.md, "Peak memory").
+class _SquaredNorms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(table)
+        return torch.bmm(table.unsqueeze(1), table.unsqueeze(2)).view(-1)  # (C,), no (C, d) temporary
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (table,) = ctx.saved_tensors
+        return table * (2.0 * grad).unsqueeze(1)
+
+
+def squared_norms(table: torch.Tensor) -> torch.Tensor:
+    """||e_c||^2 of each row of a (C, d) table: table.pow(2).sum(1), with one (C, d) tensor in backward."""
+    return _SquaredNorms.apply(table)
+
+
+class _RowPairDistances(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        diff = table.index_select(0, i).sub_(table.index_select(0, j))  # (a, d)
+        sq = torch.bmm(diff.unsqueeze(1), diff.unsqueeze(2)).view(-1)
+        dist = sq.clamp_min(EPS).sqrt()
+        ctx.save_for_backward(diff, dist, sq > EPS, i, j)
+        ctx.rows = table.shape[0]
+        return dist
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        diff, dist, above, i, j = ctx.saved_tensors
+        g = diff * torch.where(above, grad / dist, 0.0).unsqueeze(1)  # d dist / d e_i; -that for e_j
+        out = diff.new_zeros((ctx.rows, diff.shape[1]))
+        return out.index_add_(0, i, g).index_add_(0, j, g, alpha=-1.0), None, None
+
+
+def row_pair_distances(table: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """||e_i - e_j|| for index vectors i, j (a,) into a (C, d) table, as
+    (table[i] - table[j]).pow(2).sum(1).clamp_min(EPS).sqrt() (its gradient 0 where the squared
+    distance is below EPS), with one (C, d) tensor in backward: the rows' gradients index-added into it."""
+    return _RowPairDistances.apply(table, i, j)

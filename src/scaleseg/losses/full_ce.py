@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scaleseg.losses.distances import EPS, check_distance, logits_from_squared, paired_logits
+from scaleseg.losses.distances import EPS, check_distance, logits_from_squared, paired_logits, squared_norms
 from scaleseg.losses.knn_ce import DEFAULT_IGNORE_INDEX
 from scaleseg.search import DEFAULT_BUDGET_BYTES, _work_dtype
 
@@ -169,4 +169,4 @@ def _linear_cross_entropy(x: torch.Tensor, E: torch.Tensor, t: torch.Tensor, tau
     # float64 (gradient checks): keep the precomputed gradients so that backward may run twice
     options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=rows, chunking_method=None,
                                                  acc_policy="accurate", allow_retain_graph=x.dtype == torch.float64)
-    return F.linear_cross_entropy(x, E * (2.0 / tau), t, linear_bias=E.pow(2).sum(1) * (-1.0 / tau), options=options)
+    return F.linear_cross_entropy(x, E * (2.0 / tau), t, linear_bias=squared_norms(E) * (-1.0 / tau), options=options)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scaleseg.losses.distances import check_distance, logits_from_squared, paired_logits
+from scaleseg.losses.distances import check_distance, logits_from_squared, paired_logits, squared_norms
 from scaleseg.profiling import SEARCH, section
 from scaleseg.search import DEFAULT_BUDGET_BYTES, _work_dtype, nearest_classes
 
@@ -132,13 +132,13 @@ def block_knn_cross_entropy(
     used = (t >= 0).any(dim=1)
     x, t, cand = x[used], t[used], cand.reshape(B * h * w, k + 1)[used]
     keep = t >= 0
-    E_sq = E.pow(2).sum(1)
     x_sq = x.pow(2).sum(2, keepdim=True)  # (v, s^2, 1)
-    mu = E.index_select(0, cand.reshape(-1)).view(cand.shape[0], k + 1, d)  # (v, k+1, d): once per block
-    sq = torch.baddbmm(x_sq + E_sq.index_select(0, cand.reshape(-1)).view(-1, 1, k + 1), x, mu.transpose(1, 2),
-                       alpha=-2.0)  # (v, s^2, k+1)
     safe_t = t.clamp(min=0)
-    mu_t = E.index_select(0, safe_t.reshape(-1)).view(*t.shape, d)  # (v, s^2, d): each pixel's target
+    # the blocks' candidates (once per block) and each pixel's target in one gather: one (C, d) gradient
+    rows = E.index_select(0, torch.cat([cand.reshape(-1), safe_t.reshape(-1)]))
+    mu = rows[: cand.numel()].view(cand.shape[0], k + 1, d)  # (v, k+1, d)
+    mu_t = rows[cand.numel():].view(*t.shape, d)  # (v, s^2, d)
+    sq = torch.baddbmm(x_sq + mu.pow(2).sum(2).unsqueeze(1), x, mu.transpose(1, 2), alpha=-2.0)  # (v, s^2, k+1)
     sq_t = (x - mu_t).pow(2).sum(2, keepdim=True)  # (v, s^2, 1)
     logits = logits_from_squared(torch.cat([sq_t, sq.clamp_min(0.0)], dim=2), tau, distance)  # (v, s^2, k+2)
     with torch.no_grad():  # drop the candidate that is the pixel's target, else the last: k negatives remain
@@ -171,7 +171,7 @@ def _candidate_logits(x: torch.Tensor, E: torch.Tensor, candidates: torch.Tensor
     mu = E[candidates]  # (n, m, d)
     if distance != "squared":
         return paired_logits(x, mu, tau, distance)
-    sq = torch.baddbmm((E.pow(2).sum(1)[candidates] + x.pow(2).sum(1, keepdim=True)).unsqueeze(2),
+    sq = torch.baddbmm((squared_norms(E)[candidates] + x.pow(2).sum(1, keepdim=True)).unsqueeze(2),
                        mu, x.unsqueeze(2), alpha=-2.0).squeeze(2)  # (n, m)
     return logits_from_squared(sq.clamp_min(0.0), tau, distance)
 
@@ -217,7 +217,7 @@ def knn_cross_entropy(
     n = x.shape[0]
     dense = dense_logits_fit(n, num_classes, x.element_size(), budget_bytes)
     if dense:  # few classes: every logit from one matmul, the search a top-k of the same matrix
-        sq = torch.addmm(E.pow(2).sum(1)[None, :] + x.pow(2).sum(1, keepdim=True), x, E.T, alpha=-2.0)
+        sq = torch.addmm(squared_norms(E)[None, :] + x.pow(2).sum(1, keepdim=True), x, E.T, alpha=-2.0)
         all_logits = logits_from_squared(sq.clamp_min(0.0), tau, distance)  # (n, C)
     with torch.no_grad():
         if candidates is not None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scaleseg.losses.distances import EPS
+from scaleseg.losses.distances import EPS, row_pair_distances
 from scaleseg.profiling import section
 from scaleseg.search import DEFAULT_BUDGET_BYTES, _work_dtype, nearest_classes
 
@@ -73,7 +73,7 @@ def margin_hinge(class_embeddings: torch.Tensor, partners: torch.Tensor, margin:
             nearest[c0 : c0 + chunk] = p.gather(1, best.indices[:, None])[:, 0]
             active[c0 : c0 + chunk] = best.values.clamp_min(EPS).sqrt() < margin
     i = active.nonzero()[:, 0]
-    d = (E[i] - E[nearest[i]]).pow(2).sum(1).clamp_min(EPS).sqrt()  # (active,)
+    d = row_pair_distances(E, i, nearest[i])  # (active,)
     return torch.relu(margin - d).sum() / C
 
 
