@@ -144,20 +144,23 @@ def full_cross_entropy(
 
 # The linear path's chunks on a CPU: PyTorch loops over chunks of pixels in Python, passing over each
 # chunk's (rows, C) logits several times (the matmul, max, exp-sum, scaling, two gradient matmuls).
-# Chunks of about _CPU_CHUNK_BYTES stay in cache across those passes. Measured here (one thread,
-# 131,072 pixels, d = 12, forward + backward), against chunks as large as the byte budget allows:
-# 1.8x faster at C = 150 and 1,284, 1.65x at 20,000. Below _CPU_MIN_CHUNK_ROWS rows, the per-chunk
-# Python overhead grows. On a GPU the chunks stay as large as the budget allows (fewer kernel launches).
+# Chunks of about _CPU_CHUNK_BYTES per thread stay in cache across those passes. Measured here at one
+# thread (131,072 pixels, d = 12, forward + backward, interleaved), against chunks as large as the
+# byte budget allows: 1.8x faster at C = 150 and 1,284, 1.65x at 20,000. At two threads the same
+# comparison was within its noise (medians 7.6-9.5 s against 7.9 s at 20,000). Below
+# _CPU_MIN_CHUNK_ROWS rows the per-chunk Python overhead grows. On a GPU the chunks stay as large as
+# the budget allows (fewer kernel launches).
 _CPU_CHUNK_BYTES = 4 << 20
 _CPU_MIN_CHUNK_ROWS = 16
 
 
-def linear_chunk_rows(n: int, C: int, budget_bytes: int, device_type: str = "cpu") -> int:
+def linear_chunk_rows(n: int, C: int, budget_bytes: int, device_type: str = "cpu", threads: int | None = None) -> int:
     """Pixels per chunk of the linear path: within the budget ((rows, C) logits and their gradient),
-    and on a CPU about _CPU_CHUNK_BYTES of logits."""
+    and on a CPU about _CPU_CHUNK_BYTES of logits per thread (`threads`: torch.get_num_threads())."""
     rows = max(1, min(n, budget_bytes // (_BYTES_PER_CELL * C)))
     if device_type == "cpu":
-        rows = min(rows, max(_CPU_MIN_CHUNK_ROWS, _CPU_CHUNK_BYTES // (4 * C)))
+        threads = threads or torch.get_num_threads()
+        rows = min(rows, max(_CPU_MIN_CHUNK_ROWS, _CPU_CHUNK_BYTES * threads // (4 * C)))
     return rows
 
 
