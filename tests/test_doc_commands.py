@@ -149,6 +149,17 @@ def quiet_accuracy_run(out_dir: str) -> dict:
     return {"append": [*BENCH_SET, "--no-progress"], "check": all_ok(f"bench_results/{out_dir}/accuracy.json", "records")}
 
 
+def resumable(path: str):
+    """A `bench accuracy --resume` output: every run ok, its batch searches kept, each run's checkpoints."""
+    def check(ws: Path) -> None:
+        all_ok(f"{path}/accuracy.json", "records")(ws)
+        searched = json.loads((ws / path / "batch_search.json").read_text())["batches"]
+        records = json.loads((ws / path / "accuracy.json").read_text())["records"]
+        assert {(b["variant"], b["num_classes"]) for b in searched} == {(r["variant"], r["num_classes"]) for r in records}
+        assert all(list((ws / r["work_dir"]).glob("iter_*.pth")) for r in records), records
+    return check
+
+
 def speed_ok(path: str):
     """speed.json: every (head, C) measured, each part (training step, inference) with status ok."""
     def check(ws: Path) -> None:
@@ -393,6 +404,12 @@ COMMANDS: dict[str, Case] = {
         replace=[("--classes 5000", "--classes 10"), ("--iters 1200", "--iters 2"), ("--max-batch-limit 32", "--max-batch-limit 2")],
         **quiet_accuracy_run("accuracy_budget_gn"),
         why="C = 10, 2 iterations at 48x48, the batch search limited to 2 (each trial a fresh process)"),
+    "scaleseg bench accuracy --variants baseline,ess-knn,ess-full --classes 20000 --seeds 0,1 --iters 1200 --memory-budget-gb 1 "
+    "--max-batch-limit 32 --set train.checkpoint_interval=250 --out bench_results/accuracy_budget_20k --resume": Case(
+        replace=[("--classes 20000", "--classes 10"), ("--iters 1200", "--iters 2"), ("--seeds 0,1", "--seeds 0"),
+                 ("--max-batch-limit 32", "--max-batch-limit 2"), ("checkpoint_interval=250", "checkpoint_interval=1")],
+        append=[*BENCH_SET, "--no-progress"], check=resumable("bench_results/accuracy_budget_20k"),
+        why="C = 10, one seed, 2 iterations at 48x48 with a checkpoint every iteration, the batch search limited to 2"),
     "scaleseg bench accuracy --variants single-semantic,pyramid --classes 1000 --seeds 0,1 --iters 1200 --set "
     "data.synthetic.image_size=320 --set data.train_pipeline.crop_size=256 --set data.batch_size=4 "
     "--out bench_results/pyramid_crop256": Case(
