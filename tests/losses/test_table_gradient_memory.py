@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from scaleseg.losses.distances import EPS, row_pair_distances, squared_norms
+from scaleseg.losses.distances import EPS, row_pair_distances, squared_norms, unit_rows
 from scaleseg.losses.knn_ce import block_knn_cross_entropy, knn_cross_entropy
 from scaleseg.losses.margin import margin_hinge, nearest_other_classes
-from scaleseg.models.heads.scorers import unit_rows
 
 
 class TableSizedAllocations(TorchDispatchMode):
@@ -88,3 +87,17 @@ def test_table_helpers_equal_autograds_chains_in_value_and_gradient():
         (out_b * weight).sum().backward()
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
     assert row_pair_distances(table.requires_grad_(), i, j)[1].item() == pytest.approx(EPS ** 0.5)
+
+
+def test_table_helpers_keep_the_tables_precision_under_autocast():
+    """Under AMP the reductions they replace (pow, sum, norm) run in float32; so do the helpers, where
+    a bare bmm would run at the autocast dtype."""
+    torch.manual_seed(2)
+    table = torch.randn(30, D)
+    i, j = torch.arange(0, 10), torch.arange(10, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (unit_rows(table), squared_norms(table), row_pair_distances(table, i, j))
+    want = (F.normalize(table, dim=1), table.pow(2).sum(1), (table[i] - table[j]).norm(dim=1))
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)

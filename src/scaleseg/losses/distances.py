@@ -30,14 +30,48 @@ def paired_logits(x: torch.Tensor, mu: torch.Tensor, tau: float, distance: str) 
 
 
 # Class-table helpers whose backward writes one (C, d) tensor. Autograd's own chains for these
-# (gather, subtraction, power, sum) make two to four (C, d) temporaries each; they run in the loss's
-# backward, when the network's activations are at their peak, and at C = 10^6 and d = 12 each is
-# 46 MiB (`scaleseg bench memory ... --classes 19,1000000`, docs/benchmarks.md, "Peak memory").
+# (normalisation, gather, subtraction, power, sum) make two to four (C, d) temporaries each; they run
+# in the loss's backward, while the network's activations are held, and at C = 10^6 and d = 12 each is
+# 46 MiB (`scaleseg bench memory ... --classes 19,1000000`, docs/benchmarks.md, "Peak memory"). Their
+# forward runs outside autocast (in the table's dtype), as the reductions it replaces do under AMP.
+_NORMALIZE_EPS = 1e-12  # F.normalize's
+
+
+def _full_precision(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
+
+
+class _UnitRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: torch.Tensor) -> torch.Tensor:
+        with _full_precision(table):
+            norm = torch.linalg.vector_norm(table, dim=1, keepdim=True)
+            scale = norm.clamp_min(_NORMALIZE_EPS)
+            unit = table / scale
+        ctx.save_for_backward(unit, scale, norm > _NORMALIZE_EPS)
+        return unit
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        unit, scale, above = ctx.saved_tensors
+        dots = torch.bmm(unit.unsqueeze(1), grad.unsqueeze(2)).squeeze(2) * above  # (C, 1): u . g, 0 below eps
+        return torch.addcmul(grad, unit, dots, value=-1.0).div_(scale)
+
+
+def unit_rows(table: torch.Tensor) -> torch.Tensor:
+    """The rows of a (C, d) table scaled to unit L2 norm, as F.normalize(table, dim=1): a row whose
+    norm is below eps is divided by eps (its gradient g / eps). Backward: (g - u (u . g)) / ||e|| row
+    by row, one (C, d) tensor."""
+    return _UnitRows.apply(table)
+
+
 class _SquaredNorms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(table)
-        return torch.bmm(table.unsqueeze(1), table.unsqueeze(2)).view(-1)  # (C,), no (C, d) temporary
+        with _full_precision(table):
+            return torch.bmm(table.unsqueeze(1), table.unsqueeze(2)).view(-1)  # (C,), no (C, d) temporary
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -54,9 +88,10 @@ def squared_norms(table: torch.Tensor) -> torch.Tensor:
 class _RowPairDistances(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        diff = table.index_select(0, i).sub_(table.index_select(0, j))  # (a, d)
-        sq = torch.bmm(diff.unsqueeze(1), diff.unsqueeze(2)).view(-1)
-        dist = sq.clamp_min(EPS).sqrt()
+        with _full_precision(table):
+            diff = table.index_select(0, i).sub_(table.index_select(0, j))  # (a, d)
+            sq = torch.bmm(diff.unsqueeze(1), diff.unsqueeze(2)).view(-1)
+            dist = sq.clamp_min(EPS).sqrt()
         ctx.save_for_backward(diff, dist, sq > EPS, i, j)
         ctx.rows = table.shape[0]
         return dist

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleseg.losses.distances import unit_rows
 from scaleseg.models.heads.base import ClassScorer
 from scaleseg.profiling import LOSS, REGULARIZER, section
 from scaleseg.search import nearest_class
@@ -27,37 +28,6 @@ RECALL_PIXELS = 1024
 # True while inference decides a single view (no averaging over windows, scales or flips): dense
 # maps then need not be averageable, and the linear scorer skips its softmax (engine/inference.py)
 _ONE_VIEW = contextvars.ContextVar("scaleseg_one_view", default=False)
-
-
-class _UnitRows(torch.autograd.Function):
-    """F.normalize(table, dim=1) of a (C, d) class table, with a backward that allocates one (C, d)
-    gradient: (g - u (u . g)) / max(||e||, eps) row by row (the row dot products by a batched matmul).
-    Autograd's own chain (norm, clamp, division) makes several (C, d) temporaries, at the moment of the
-    loss's backward when the network's activations are at their peak: at C = 10^6 and d = 12 each is
-    46 MiB. A row whose norm is below eps is divided by eps, its gradient g / eps (the clamp's)."""
-
-    @staticmethod
-    def forward(ctx, table: torch.Tensor) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(table, dim=1, keepdim=True)
-        scale = norm.clamp_min(_NORMALIZE_EPS)
-        unit = table / scale
-        ctx.save_for_backward(unit, scale, norm > _NORMALIZE_EPS)
-        return unit
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        unit, scale, above = ctx.saved_tensors
-        dots = torch.bmm(unit.unsqueeze(1), grad.unsqueeze(2)).squeeze(2) * above  # (C, 1): u . g, 0 below eps
-        return torch.addcmul(grad, unit, dots, value=-1.0).div_(scale)
-
-
-_NORMALIZE_EPS = 1e-12  # F.normalize's
-
-
-def unit_rows(table: torch.Tensor) -> torch.Tensor:
-    """The rows of a (C, d) table scaled to unit L2 norm: F.normalize(table, dim=1), lighter backward."""
-    return _UnitRows.apply(table)
 
 
 @contextlib.contextmanager
