@@ -64,6 +64,11 @@ def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def in_work_dtype(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, or kept in float64 (where .float() would round a float64 model's numbers)."""
+    return t.to(_work_dtype(t))
+
+
 def tile_shape(num_queries: int, num_classes: int, k: int, budget_bytes: int) -> tuple[int, int]:
     """(query rows, class columns) of one distance tile: about `_TILE_CELLS` cells (a tile that stays
     in cache), at most `_CLASS_TILE` classes wide, and rows x (cols + k) x 12 bytes <= budget_bytes."""

@@ -63,7 +63,9 @@ def train_pair(overrides: list[str], rank: int, world: int, steps: int = 2):
     cfg = load_config(None, ["model.decoder.channels=16", "model.decoder.low_level_channels=8",
                              "model.decoder.dropout=0", *overrides])
     torch.manual_seed(0)
-    model = build_model(cfg.model, 30, 255)
+    # float64: the embedding scorer's logits are -||x - mu||^2 / 0.05, which turn float32 rounding (that
+    # differs with the thread count and with the batch split) into weight differences of 1e-3 in two steps
+    model = build_model(cfg.model, 30, 255).double()
     reference = copy.deepcopy(model)
     initial = copy.deepcopy(model.state_dict())
     model = convert_sync_batchnorm(model, torch.device("cpu"))
@@ -72,7 +74,7 @@ def train_pair(overrides: list[str], rank: int, world: int, steps: int = 2):
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        images = torch.randn(4, 3, 64, 64, generator=generator)
+        images = torch.randn(4, 3, 64, 64, generator=generator, dtype=torch.float64)
         labels = torch.randint(0, 30, (4, 64, 64), generator=generator)  # no ignore: equal pixel counts
         half = slice(rank * 2, (rank + 1) * 2)
         loss = ddp(images[half], labels[half])["loss"]

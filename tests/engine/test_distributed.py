@@ -90,7 +90,8 @@ def test_sync_batchnorm_and_ddp_steps_match_one_process(tmp_path):
     assert r["bn_weight_grad"] < 1e-4
     for scorer in ("linear", "embedding"):
         assert r[f"{scorer}_moved"] > 0.01  # training changed the weights ...
-        assert r[f"{scorer}_weights"] < 1e-4, r  # ... the same way as one process with the whole batch
+        # ... the same way as one process with the whole batch (float64: rounding, not the thread count)
+        assert r[f"{scorer}_weights"] < 1e-10, r
         assert r[f"{scorer}_identical_across_ranks"] is True
     assert r["table_params"] == 1  # one class table, shared (not one copy per process)
     assert r["pyramid_identical_across_ranks"] is True

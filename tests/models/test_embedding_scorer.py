@@ -51,13 +51,16 @@ def test_without_normalisation_prediction_is_nearest_by_l2():
     assert not torch.allclose(dense.norm(dim=1), torch.ones(1, 16, 16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("loss", ["knn", "full"])
-def test_loss_terms_match_the_loss_functions(loss):
+def test_loss_terms_match_the_loss_functions(loss, dtype):
+    """... in float32, and in float64 for a float64 model (not rounded to float32 on the way)."""
     from scaleseg.losses import full_cross_entropy, knn_cross_entropy, margin_regularizer
 
     torch.manual_seed(0)
     model, _ = embedding_model(40, f"model.head.embedding.loss={loss}", "model.head.loss_resolution=full")
-    out = model(torch.randn(2, 3, 32, 32))
+    model.to(dtype)
+    out = model(torch.randn(2, 3, 32, 32, dtype=dtype))
     target = torch.randint(0, 40, (2, 32, 32))
     target[:, :4] = -1
     terms = model.loss(out, target)
@@ -68,8 +71,10 @@ def test_loss_terms_match_the_loss_functions(loss):
         want = knn_cross_entropy(x, E, target.reshape(-1), 7, 0.05, -1)
     else:
         want = full_cross_entropy(x, E, target.reshape(-1), 0.05, -1)
-    assert terms["ce"].item() == pytest.approx(want.item(), rel=1e-5)
-    assert terms["margin"].item() == pytest.approx(margin_regularizer(E, 0.2).item(), rel=1e-5)
+    rel = 1e-5 if dtype == torch.float32 else 1e-12
+    assert terms["ce"].dtype == terms["margin"].dtype == want.dtype == dtype
+    assert terms["ce"].item() == pytest.approx(want.item(), rel=rel)
+    assert terms["margin"].item() == pytest.approx(margin_regularizer(E, 0.2).item(), rel=rel)
     assert terms["loss"].item() == pytest.approx(terms["ce"].item() + terms["margin"].item(), rel=1e-6)
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from scaleseg.errors import ConfigError
+from scaleseg.search import in_work_dtype
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class CPUSyncBatchNorm(_BatchNorm):
         C = input.shape[1]
         dims = [0, *range(2, input.dim())]
         shape = [1, C] + [1] * (input.dim() - 2)
-        x = input.float()
+        x = in_work_dtype(input)  # fp16/bf16 in float32; float64 kept
         local = torch.cat([x.sum(dims), x.new_tensor([x.numel() // C])])
         total = all_reduce(local)  # differentiable sum over processes
         count = total[C]

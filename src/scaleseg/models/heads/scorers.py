@@ -18,7 +18,7 @@ from torch import nn
 from scaleseg.losses.distances import unit_rows
 from scaleseg.models.heads.base import ClassScorer
 from scaleseg.profiling import LOSS, REGULARIZER, section
-from scaleseg.search import nearest_class
+from scaleseg.search import in_work_dtype, nearest_class
 
 # Training steps between measurements of the class index's recall (the k + 1 nearest of up to
 # RECALL_PIXELS of the step's loss pixels, exact against the index), logged as `index_recall`; measured
@@ -63,7 +63,7 @@ class LinearScorer(ClassScorer):
         valid = target != self.ignore_index
         if not bool(valid.any()):
             return {"ce": scores.sum() * 0.0}
-        return {"ce": F.cross_entropy(scores.float(), target, ignore_index=self.ignore_index)}
+        return {"ce": F.cross_entropy(in_work_dtype(scores), target, ignore_index=self.ignore_index)}
 
     def dense(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) class probabilities, the map inference averages over views, computed in
@@ -157,10 +157,11 @@ class EmbeddingScorer(ClassScorer):
         return self.embed(features)  # (B, d, h, w), normalised where used (after any resize)
 
     def _unit(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        return F.normalize(x.float(), dim=dim) if self.normalize else x.float()
+        x = in_work_dtype(x)
+        return F.normalize(x, dim=dim) if self.normalize else x
 
     def classes(self) -> torch.Tensor:
-        table = self.class_embeddings.float()
+        table = in_work_dtype(self.class_embeddings)
         return unit_rows(table) if self.normalize else table  # (C, d)
 
     def class_table(self, raw: bool = False) -> torch.Tensor:
