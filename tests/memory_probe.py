@@ -1,5 +1,6 @@
-"""A TorchDispatchMode that records the largest tensor any aten op produces (forward, backward,
-optimizer), to assert structural memory bounds such as "nothing of C x (pixels) elements"."""
+"""TorchDispatchModes for structural memory bounds: the largest tensor any aten op produces (forward,
+backward, optimizer), e.g. "nothing of C x (pixels) elements"; the ops that allocate a tensor of a
+given size (views and in-place ops excluded)."""
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,4 +20,21 @@ class LargestTensor(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.numel() > self.numel:
                 self.numel, self.op = t.numel(), str(func)
+        return out
+
+
+class TableSizedAllocations(TorchDispatchMode):
+    """Names of the ops that allocate a tensor of at least `numel` elements (views and in-place ops
+    allocate nothing and are not counted)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        allocates = not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
+        if allocates and any(isinstance(t, torch.Tensor) and t.numel() >= self.numel for t in tree_flatten(out)[0]):
+            self.ops.append(str(func.overloadpacket))
         return out

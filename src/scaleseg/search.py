@@ -47,6 +47,7 @@ _TILE_CELLS = 1024 * 4096  # cells of a distance tile: 16 MiB of float32, within
 _GROUP = 64  # classes per group whose minimum decides whether its classes are looked at
 _TWO_PASS_CLASSES = 16384  # from this many classes on: group minima of all classes first, then re-scoring
 _FAISS_BLOCK = 65536  # queries per FAISS call (>= its internal 4096-query block)
+_ROWS = 16384  # classes per chunk where a per-class distance to the anchors is computed
 
 
 def _check(queries: torch.Tensor, class_embeddings: torch.Tensor, k: int) -> None:
@@ -332,7 +333,9 @@ class ClassIndex(nn.Module):
         the first time, e.g. after a resume). Returns how many classes were searched."""
         with section(INDEX):
             x = classes.detach().float()
-            rows = torch.nonzero((x - self.anchors).norm(dim=1) >= self.slack)[:, 0]
+            moved = torch.cat([(x[r0 : r0 + _ROWS] - self.anchors[r0 : r0 + _ROWS]).norm(dim=1)
+                               for r0 in range(0, x.shape[0], _ROWS)])  # no (C, d) difference at once
+            rows = torch.nonzero(moved >= self.slack)[:, 0]
             if rows.numel():
                 self._assign_rows(x, rows, budget_bytes)
             return int(rows.numel())
@@ -411,9 +414,7 @@ class ClassIndex(nn.Module):
         grouped = q.index_select(0, pairs // p)  # (n p, d): the pairs' queries, cluster by cluster
         counts = torch.bincount(flat, minlength=self.num_clusters).tolist()
         offsets = self.offsets.tolist()
-        order = self.order.long()
-        members = c.index_select(0, order)  # (C, d): the classes cluster by cluster (current embeddings)
-        members_sq = members.pow(2).sum(1)
+        order = self.order  # int32: positions in `order` -> class ids
         val = torch.full((n * p, k), math.inf, dtype=q.dtype, device=q.device)  # in grouped order
         pos = torch.zeros((n * p, k), dtype=torch.int64, device=q.device)  # positions in `order`
         start = 0
@@ -421,8 +422,10 @@ class ClassIndex(nn.Module):
             if not count:
                 continue
             m0, m1 = offsets[cluster], offsets[cluster + 1]
-            if m1 > m0:
-                dist = torch.addmm(members_sq[m0:m1], grouped[start : start + count], members[m0:m1].T, alpha=-2.0)
+            if m1 > m0:  # the cluster's classes gathered here, not the whole table in cluster order up front
+                members = c.index_select(0, order[m0:m1])  # (m, d), current embeddings
+                members_sq = members.pow(2).sum(1)
+                dist = torch.addmm(members_sq, grouped[start : start + count], members.T, alpha=-2.0)
                 kk = min(k, m1 - m0)
                 v, i = _tile_topk(dist, k)  # (count, kk)
                 val[start : start + count, :kk] = v
@@ -433,7 +436,7 @@ class ClassIndex(nn.Module):
         ungrouped_pos = torch.empty_like(pos)
         ungrouped_pos[pairs] = pos
         best, where = ungrouped_val.view(n, p * k).topk(k, dim=1, largest=False, sorted=True)
-        ids = order[ungrouped_pos.view(n, p * k).gather(1, where)]
+        ids = order[ungrouped_pos.view(n, p * k).gather(1, where)].long()
         short = torch.isinf(best[:, -1])  # fewer than k classes in the probed clusters
         if bool(short.any()):
             ids[short] = nearest_classes(q[short], c, k, budget_bytes=budget_bytes)
