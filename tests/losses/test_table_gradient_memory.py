@@ -5,34 +5,18 @@ class table's size allocated then adds to the step's peak (46 MiB each at C = 10
 table's helpers (`unit_rows`, `squared_norms`, `row_pair_distances`, one gather for a block's
 candidates and its pixels' targets) keep that to the gradient buffer and its normalisation: here
 counted op by op against autograd's own chains (14 to 16 such allocations per loss before them),
-and the helpers' values and gradients checked against those chains."""
+and the helpers' values and gradients checked against those chains. The counts are upper bounds: under
+a dispatch mode autograd turns off its in-place paths (a gather's backward index-adds out of place, two
+gradients meeting at one tensor are summed into a new one), which outside it allocate nothing."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from scaleseg.losses.distances import EPS, row_pair_distances, squared_norms, unit_rows
 from scaleseg.losses.knn_ce import block_knn_cross_entropy, knn_cross_entropy
 from scaleseg.losses.margin import margin_hinge, nearest_other_classes
-
-
-class TableSizedAllocations(TorchDispatchMode):
-    """Names of the ops that allocate a tensor of at least `numel` elements (views and in-place ops
-    allocate nothing and are not counted)."""
-
-    def __init__(self, numel: int):
-        super().__init__()
-        self.numel, self.ops = numel, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        schema = func._schema
-        allocates = not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
-        if allocates and any(isinstance(t, torch.Tensor) and t.numel() >= self.numel for t in tree_flatten(out)[0]):
-            self.ops.append(str(func.overloadpacket))
-        return out
+from tests.memory_probe import TableSizedAllocations
 
 
 C, D = 5000, 12
@@ -65,6 +49,27 @@ def test_the_losses_backward_allocates_few_table_sized_tensors(name, most):
     assert len(reference.ops) > most
     assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
     torch.testing.assert_close(raw.grad, ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_normalised_table_is_not_held_for_the_backward():
+    """unit_rows keeps the table it was given (the parameter: no memory) and (C,)-sized factors for its
+    backward, not the unit rows: between the forward and the loss's backward, when the step's activations
+    are held, no copy of the table's size is kept alive by it (F.normalize's chain keeps two)."""
+    def saved_table_sized(normalise):
+        raw = torch.nn.Parameter(torch.randn(C, D))
+        kept = []
+
+        def pack(t):
+            if t.numel() >= C * D and t.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr():
+                kept.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            normalise(raw).sum().backward()
+        return kept
+
+    assert saved_table_sized(unit_rows) == []
+    assert len(saved_table_sized(lambda e: F.normalize(e, dim=1))) >= 1  # the reference does keep some
 
 
 def test_table_helpers_equal_autograds_chains_in_value_and_gradient():

@@ -121,9 +121,9 @@ def measure_model(cfg, num_classes: int, batch: int, crop: int, device: str, ste
     for _ in range(steps):
         t = time.perf_counter()
         loss = model.loss(model(images), target)["loss"]
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # as the trainer: no gradients held through the next forward
         model.after_optimizer_step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

@@ -48,21 +48,23 @@ class _UnitRows(torch.autograd.Function):
             norm = torch.linalg.vector_norm(table, dim=1, keepdim=True)
             scale = norm.clamp_min(_NORMALIZE_EPS)
             unit = table / scale
-        ctx.save_for_backward(unit, scale, norm > _NORMALIZE_EPS)
+        # the table itself is saved, not `unit`: no second (C, d) tensor held from here to the backward
+        ctx.save_for_backward(table, scale, norm > _NORMALIZE_EPS)
         return unit
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        unit, scale, above = ctx.saved_tensors
-        dots = torch.bmm(unit.unsqueeze(1), grad.unsqueeze(2)).squeeze(2) * above  # (C, 1): u . g, 0 below eps
-        return torch.addcmul(grad, unit, dots, value=-1.0).div_(scale)
+        table, scale, above = ctx.saved_tensors  # u = table / scale
+        dots = torch.bmm(table.unsqueeze(1), grad.unsqueeze(2)).squeeze(2)  # (C, 1): e . g
+        coef = dots.div_(scale.square()).mul_(above)  # (u . g) / ||e||, 0 below eps
+        return torch.addcmul(grad, table, coef, value=-1.0).div_(scale)
 
 
 def unit_rows(table: torch.Tensor) -> torch.Tensor:
     """The rows of a (C, d) table scaled to unit L2 norm, as F.normalize(table, dim=1): a row whose
     norm is below eps is divided by eps (its gradient g / eps). Backward: (g - u (u . g)) / ||e|| row
-    by row, one (C, d) tensor."""
+    by row, one (C, d) tensor; only the table (not u) is kept for it."""
     return _UnitRows.apply(table)
 
 
