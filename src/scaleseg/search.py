@@ -311,7 +311,12 @@ class ClassIndex(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # loaded lists: the derived assignment state is rebuilt from the table at the next re-assignment
+        self.reset_derived_state()  # loaded lists
+
+    @torch.no_grad()
+    def reset_derived_state(self) -> None:
+        """The lists changed under the assignment state (a load, an undone training step): it is rebuilt
+        from the table at the next re-assignment, which then searches every class."""
         self.slack.fill_(-math.inf)
 
     @torch.no_grad()

@@ -142,6 +142,47 @@ def test_a_nan_step_is_skipped_and_logged_and_undone(tmp_path, monkeypatch):
     assert result["mIoU"] is not None and (work / "curves.png").exists()
 
 
+ESS_INDEX = ["model.head.scorer=embedding", "model.head.embedding.search_index=ivf", "model.head.embedding.index_clusters=4",
+             "model.head.embedding.index_probes=2", "model.head.embedding.index_refresh=2",
+             "model.head.embedding.margin_refresh=2"]
+
+
+def test_a_skipped_step_of_the_ess_head_undoes_its_index_and_regulariser_state(tmp_path, monkeypatch):
+    """The checkpointed buffers (BatchNorm, the class index's lists and counters, the regulariser's
+    pairs) are copied before a step and put back when it is skipped; the index's derived assignment
+    state is not copied but rebuilt at the next step, whose lists equal a brute-force assignment."""
+    from scaleseg.engine.trainer import restore_buffers, snapshot_buffers
+    from scaleseg.models import build_model
+
+    cfg = load_config(None, [*TINY, *ESS_INDEX])
+    model = build_model(cfg.model, 40, 255)
+    index = model.head.scorer.class_index
+    copied = {id(b) for b, _ in snapshot_buffers(model)}
+    assert {id(index.order), id(index.steps), id(model.head.scorer.margin_cache.partners)} <= copied
+    assert not {id(index.anchors), id(index.assigned), id(index.slack)} & copied  # derived: not copied
+    E = model.head.scorer.classes().detach()
+    index.step(E)
+    saved = snapshot_buffers(model)
+    index.step(E + 0.5)  # a step that will be undone: refresh and re-assignment against other rows
+    restore_buffers(model, saved)
+    assert int(index.steps) == 1 and torch.isinf(index.slack).all()
+    assert index.assign(E) == 40  # every class searched again: the lists match the restored centroids
+    nearest = torch.cdist(E, index.centroids).argmin(1)
+    for c in range(4):
+        members = index.order[index.offsets[c] : index.offsets[c + 1]].long()
+        assert (nearest[members] == c).all()
+
+    nan_images_at(monkeypatch, {3})
+    work = tmp_path / "run"
+    Trainer(load_config(None, [*TINY, *ESS_INDEX, "train.checkpoint_interval=1"]), work_dir=work).run()
+    states = {i: load_checkpoint(work / f"iter_{i:06d}.pth")["model"] for i in (2, 3, 4)}
+    assert "head.scorer.class_index.order" in states[2] and "head.scorer.margin_cache.partners" in states[2]
+    for key, value in states[2].items():  # the skipped step changed nothing, the index and pairs included
+        assert torch.equal(states[3][key], value), key
+    assert int(states[4]["head.scorer.class_index.steps"]) == 3  # two steps before the skip, one after
+    assert "step skipped" in (work / "train.log").read_text()
+
+
 def test_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
     nan_images_at(monkeypatch, {4, 5, 6})
     work = tmp_path / "run"

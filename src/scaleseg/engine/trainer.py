@@ -148,6 +148,26 @@ class TrainState:
         self.checkpoints = list(state.get("checkpoints", []))
 
 
+def snapshot_buffers(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy) for every buffer a checkpoint holds, to undo a skipped step. Non-persistent
+    buffers are state derived from the rest (the class index's anchors, 46 MiB at 10^6 classes): not
+    copied every step, but rebuilt after an undo (`restore_buffers`), as after loading a checkpoint."""
+    return [(b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items()
+            if b is not None and name not in m._non_persistent_buffers_set]
+
+
+@torch.no_grad()
+def restore_buffers(model: torch.nn.Module, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Undo a skipped step: the copied buffers back, and every module's derived state marked for a
+    rebuild (`reset_derived_state`, e.g. the class index re-assigns every class at its next step)."""
+    for buffer, copy in saved:
+        buffer.copy_(copy)
+    for module in model.modules():
+        reset = getattr(module, "reset_derived_state", None)
+        if callable(reset):
+            reset()
+
+
 class Trainer:
     """`run()`: set up (data, model, optimizer, resume), then `run_step()` per iteration with the hooks
     (engine/hooks.py) after each: NaN guard, progress bar, log, evaluation, checkpoint, final report."""
@@ -391,8 +411,9 @@ class Trainer:
         model, optimizer, scaler = self.model, self.optimizer, self.scaler
         iteration = self.state.iteration + 1
         set_poly_lr(optimizer, self.state.iteration, self.cfg.train.iters, self.cfg.optim.warmup_iters)
-        # BatchNorm running statistics change in the forward pass: kept to undo a skipped step's
-        buffers = [b.detach().clone() for b in model.buffers()]
+        # BatchNorm running statistics (and the ESS head's index and regulariser state) change in the
+        # forward pass: kept to undo a skipped step's
+        buffers = snapshot_buffers(model)
         terms, problem, data_time, skipped = self._accumulate()
         grad_norm = None
         if problem is None:
@@ -404,9 +425,7 @@ class Trainer:
                 problem = f"non-finite gradient norm ({grad_norm}) with loss {terms}"
         if problem is not None:
             optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for buffer, saved in zip(model.buffers(), buffers):
-                    buffer.copy_(saved)
+            restore_buffers(model, buffers)
             terms = {}
         else:
             scaler.step(optimizer)
