@@ -38,3 +38,30 @@ class TableSizedAllocations(TorchDispatchMode):
         if allocates and any(isinstance(t, torch.Tensor) and t.numel() >= self.numel for t in tree_flatten(out)[0]):
             self.ops.append(str(func.overloadpacket))
         return out
+
+
+class LiveTableSized(TorchDispatchMode):
+    """The tensors of at least `numel` elements that ops allocate while the mode is on, followed through
+    weak references to their storages: `most` is the largest number alive at once while `measuring`
+    is true, `at_most` their ops then. Under a dispatch mode autograd's in-place accumulation is off
+    (a gather's backward index-adds out of place, two gradients of one tensor are summed into a new
+    one), so the counts are upper bounds of what runs without the mode hold."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._ref = StorageWeakRef
+        self.numel, self.live, self.most, self.at_most, self.measuring = numel, [], 0, [], True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        if not schema.is_mutable and all(r.alias_info is None for r in schema.returns):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
+                    self.live.append((self._ref(t.untyped_storage()), str(func.overloadpacket)))
+        self.live = [(ref, op) for ref, op in self.live if not ref.expired()]
+        if self.measuring and len(self.live) > self.most:
+            self.most, self.at_most = len(self.live), [op for _, op in self.live]
+        return out

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from scaleseg.losses.distances import EPS, row_pair_distances, squared_norms, unit_rows
 from scaleseg.losses.knn_ce import block_knn_cross_entropy, knn_cross_entropy
 from scaleseg.losses.margin import margin_hinge, nearest_other_classes
-from tests.memory_probe import TableSizedAllocations
+from tests.memory_probe import LiveTableSized, TableSizedAllocations
 
 
 C, D = 5000, 12
@@ -106,3 +106,36 @@ def test_table_helpers_keep_the_tables_precision_under_autocast():
     for g, w in zip(got, want):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_the_backward_of_a_training_step_holds_few_table_sized_tensors_at_once():
+    """The loss's backward is where a step's memory peaks (the network's activations are all held): in
+    a step of the ESS head with the class index, at a table far larger than the network, at most three
+    tensors of the table's size that the step made are alive at once from the backward's start to the
+    optimizer step's end. Under the probe they are the regulariser's gradient of the normalised table
+    and the loss's, a zeroed buffer and its index-added copy (in place outside the probe); the momentum
+    buffer was made in the first step. Before unit_rows kept the table instead of the unit rows, the
+    unit rows were a fourth."""
+    from scaleseg.bench.memory import HEADS
+    from scaleseg.config import load_config
+    from scaleseg.engine.optim import build_optimizer
+    from scaleseg.models import build_model
+
+    classes = 60_000
+    cfg = load_config(None, [*HEADS["ess-knn-fast"], f"data.num_classes={classes}", "model.backbone=resnet_tiny",
+                             "model.head.loss_resolution=full", "model.decoder.channels=16",
+                             "model.decoder.low_level_channels=8"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, classes, ignore_index=-1).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    images, target = torch.randn(2, 3, 32, 32), torch.randint(0, classes, (2, 32, 32))
+    for step in range(2):  # the second step: momentum exists, the index is built
+        with LiveTableSized(classes * 12) as probe:
+            probe.measuring = False
+            loss = model.loss(model(images), target)["loss"]
+            probe.measuring = True
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    assert probe.most <= 3, probe.at_most
+    assert "div" not in probe.at_most, probe.at_most  # the normalised table (unit_rows' forward) is gone
