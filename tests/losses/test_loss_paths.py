@@ -145,3 +145,45 @@ def test_full_linear_and_tiled_agree_and_chunks_fit_the_budget(monkeypatch):
         full_cross_entropy(x, E, t, distance="euclidean", implementation="linear")
     with pytest.raises(ValueError, match="implementation"):
         full_cross_entropy(x, E, t, implementation="fast")
+
+
+@pytest.mark.parametrize("impl", ["linear", "tiled"])
+def test_full_loss_at_a_low_temperature_flushes_subnormals_without_changing_the_result(impl, monkeypatch):
+    """tau = 0.01: most softmax terms are exp() of logits 87 to 400 below their row's maximum, subnormal
+    or zero in float32. The loss runs with them flushed to zero (the CPU's fast path): its value and
+    gradients equal the same loss with subnormals kept (the flush turned into a no-op) and the float64
+    materialised cross-entropy; the thread's mode is on inside the loss and back off after it."""
+    import contextlib
+
+    if impl == "linear" and not full_ce.has_linear_cross_entropy():
+        pytest.skip("this PyTorch has no F.linear_cross_entropy")
+    g = torch.Generator().manual_seed(3)
+    E = F.normalize(torch.randn(500, 16, generator=g), dim=1)
+    t = torch.randint(0, 500, (600,), generator=g)
+    x = F.normalize(E[t] + 0.5 * torch.randn(600, 16, generator=g), dim=1)
+    p = torch.softmax(-((x[:, None] - E[None]) ** 2).sum(-1) / 0.01, dim=1)
+    assert ((p > 0) & (p < 1.1754944e-38)).any()  # float32 does hold subnormal terms here
+
+    def run(fn, **kw):
+        xa, Ea = x.clone().requires_grad_(), E.clone().requires_grad_()
+        loss = fn(xa, Ea, t, tau=0.01, **kw)
+        loss.backward()
+        return loss.item(), xa.grad, Ea.grad
+
+    reference = run(lambda xa, Ea, t, tau: materialised(xa.double(), Ea.double(), t, tau=tau))
+    assert not full_ce._flush_is_on()
+    modes, real = [], full_ce._flush_is_on
+    monkeypatch.setattr(full_ce, "_flush_is_on", lambda: modes.append(real()) or modes[-1])
+    flushed = run(full_cross_entropy, implementation=impl)
+    assert modes and not any(modes) and not real()  # off when asked, before the loss; off again after it
+    monkeypatch.setattr(full_ce, "flushing_subnormals", lambda device: contextlib.nullcontext())
+    kept = run(full_cross_entropy, implementation=impl)
+    assert flushed[0] == pytest.approx(kept[0], rel=1e-6)
+    for a, b, r in zip(flushed[1:], kept[1:], reference[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)  # against the float64 logits
+    assert flushed[0] == pytest.approx(reference[0], rel=1e-6)
+    monkeypatch.undo()
+    with full_ce.flushing_subnormals(torch.device("cpu")):
+        assert real()
+    assert not real()

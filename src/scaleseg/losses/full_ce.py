@@ -19,10 +19,14 @@ The N x C logits are never materialised. Two implementations:
     euclidean: d logit / dx = (mu - x) / (tau ||x - mu||)  d logit / d mu = (x - mu) / (tau ||x - mu||)
 
 "auto" takes "linear" where it applies. Both work for unnormalised embeddings (the ablation);
-float64 inputs are computed in float64 (gradient checks), others in float32.
+float64 inputs are computed in float64 (gradient checks), others in float32. On a CPU both run with
+subnormal results flushed to zero (`flushing_subnormals`: at low temperatures 3-4x faster, the same
+numbers).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,35 @@ from scaleseg.losses.knn_ce import DEFAULT_IGNORE_INDEX
 from scaleseg.search import DEFAULT_BUDGET_BYTES, _work_dtype
 
 IMPLEMENTATIONS = ("auto", "linear", "tiled")
+
+
+def _flush_is_on() -> bool:
+    """Whether this thread flushes subnormal float results to zero (1e-30 x 1e-10 is subnormal in float32)."""
+    return float(torch.tensor(1e-30) * torch.tensor(1e-10)) == 0.0
+
+
+@contextlib.contextmanager
+def flushing_subnormals(device: torch.device):
+    """On a CPU, subnormal results (below 1.2e-38 in float32) flushed to zero in this thread while the
+    exact loss runs, then the thread's previous mode back. At a low temperature most of the N x C
+    softmax terms are exp() of logits more than 87 below their row's maximum: subnormal, and the exp
+    and the gradient matmuls that take them run on the CPU's slow path for such numbers. Flushed, those
+    terms are 0 instead of < 1.2e-38 against a row sum of at least 1, so the loss and its gradients
+    are unchanged at float32 precision. Measured here (one thread, 16,384 pixels, C = 20,000, d = 32,
+    tau = 0.02, forward + backward, interleaved): 3.5x faster on random embeddings, 2.8x near their
+    classes; at tau = 0.05 and d = 12 (no subnormals) the same time. Only the calling thread's mode is
+    set (PyTorch has no call for its other threads): with two threads the gain was 1.24x."""
+    if device.type != "cpu":
+        yield
+        return
+    before = _flush_is_on()
+    if before or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def has_linear_cross_entropy() -> bool:
@@ -58,6 +91,11 @@ class _ChunkedLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, E, tau, distance, rows, cols):
+        with flushing_subnormals(x.device):
+            return _ChunkedLogSumExp._forward(ctx, x, E, tau, distance, rows, cols)
+
+    @staticmethod
+    def _forward(ctx, x, E, tau, distance, rows, cols):
         n, C = x.shape[0], E.shape[0]
         x_sq, E_sq = x.pow(2).sum(1), E.pow(2).sum(1)
         lse = torch.empty(n, dtype=x.dtype, device=x.device)
@@ -74,6 +112,11 @@ class _ChunkedLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lse):
+        with flushing_subnormals(grad_lse.device):
+            return _ChunkedLogSumExp._backward(ctx, grad_lse)
+
+    @staticmethod
+    def _backward(ctx, grad_lse):
         x, E, lse = ctx.saved_tensors
         tau, distance, rows, cols = ctx.params
         n, C = x.shape[0], E.shape[0]
@@ -134,8 +177,9 @@ def full_cross_entropy(
         bad = int(t[(t < 0) | (t >= C)][0])
         raise ValueError(f"target value {bad} is neither a class (0..{C - 1}) nor ignore_index {ignore_index}")
     E = class_embeddings.to(dtype)
-    if linear:
-        return _linear_cross_entropy(x, E, t, tau, budget_bytes)
+    if linear:  # PyTorch's path computes the gradients in its forward
+        with flushing_subnormals(x.device):
+            return _linear_cross_entropy(x, E, t, tau, budget_bytes)
     rows, cols = _tiles(x.shape[0], C, budget_bytes)
     lse = _ChunkedLogSumExp.apply(x, E, tau, distance, rows, cols)  # (n,)
     target_logit = paired_logits(x, E[t], tau, distance)  # (n,)
