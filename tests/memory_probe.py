@@ -23,6 +23,12 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+def allocates(func) -> bool:
+    """Whether an aten op returns new storage (not a view, not in place)."""
+    schema = func._schema
+    return not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
+
+
 class TableSizedAllocations(TorchDispatchMode):
     """Names of the ops that allocate a tensor of at least `numel` elements (views and in-place ops
     allocate nothing and are not counted)."""
@@ -33,9 +39,7 @@ class TableSizedAllocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        schema = func._schema
-        allocates = not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
-        if allocates and any(isinstance(t, torch.Tensor) and t.numel() >= self.numel for t in tree_flatten(out)[0]):
+        if allocates(func) and any(isinstance(t, torch.Tensor) and t.numel() >= self.numel for t in tree_flatten(out)[0]):
             self.ops.append(str(func.overloadpacket))
         return out
 
@@ -56,8 +60,7 @@ class LiveTableSized(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        schema = func._schema
-        if not schema.is_mutable and all(r.alias_info is None for r in schema.returns):
+        if allocates(func):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
                     self.live.append((self._ref(t.untyped_storage()), str(func.overloadpacket)))
